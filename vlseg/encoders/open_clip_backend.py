@@ -1,0 +1,244 @@
+"""open_clip backend: built-in names + pretrained tags (``ViT-B-16``/``openai``), ``hf-hub:`` names (BiomedCLIP:
+timm ViT trunk + HF BERT text), local ``open_clip`` folders, and inline architectures (``options.model_cfg``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._hub import download_hint
+from ..config import EncoderConfig
+from . import ENCODERS
+from .base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    EncoderPair,
+    ImageEncoder,
+    ImageEncoderInfo,
+    ImageFeatures,
+    TextEncoder,
+    TextEncoderInfo,
+    TextFeatures,
+)
+
+_INTERP = {"bicubic": 3, "bilinear": 2, "nearest": 0}
+
+
+def _load(cfg: EncoderConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Return (open_clip model, tokenizer, preprocess cfg)."""
+    import open_clip
+
+    opts = dict(cfg.options)
+    model_cfg = opts.pop("model_cfg", None)
+    if model_cfg is not None:
+        # Inline architecture (tests, custom models): built directly, no global registry change, random weights.
+        text_cfg = model_cfg.get("text_cfg", {})
+        cls = open_clip.CustomTextCLIP if text_cfg.get("hf_model_name") else open_clip.CLIP
+        model = cls(**model_cfg)
+        ctx = int(text_cfg.get("context_length", 77))
+        tokenizer = open_clip.SimpleTokenizer(context_length=ctx)
+        pp = {"mean": tuple(opts.get("mean", CLIP_MEAN)), "std": tuple(opts.get("std", CLIP_STD)),
+              "interpolation": opts.get("interpolation", "bicubic")}
+        return model, tokenizer, pp
+    if not cfg.name:
+        raise ValueError("open_clip encoder config needs a 'name' (e.g. 'ViT-B-16' or 'hf-hub:org/repo')")
+    name, tag, load_weights = cfg.name, None, bool(cfg.pretrained)
+    if isinstance(cfg.pretrained, str) and os.path.isdir(cfg.pretrained):
+        name, load_weights = f"local-dir:{cfg.pretrained}", True
+    elif name.startswith("hf-hub:"):
+        if load_weights:
+            # Resolve through huggingface_hub so a revision can be pinned; open_clip then reads the local folder.
+            from huggingface_hub import snapshot_download
+
+            try:
+                local = snapshot_download(name[len("hf-hub:"):], revision=cfg.revision)
+            except Exception as e:  # offline, unknown repo, ...
+                raise download_hint(name, e) from e
+            name = f"local-dir:{local}"
+    elif isinstance(cfg.pretrained, str):
+        tag = cfg.pretrained
+    elif load_weights:
+        raise ValueError(
+            f"open_clip model {name!r} needs a pretrained tag (e.g. 'openai'); available: "
+            f"{open_clip.list_pretrained_tags_by_model(name)}"
+        )
+    try:
+        model = open_clip.create_model(name, pretrained=tag, load_weights=load_weights)
+        tokenizer = open_clip.get_tokenizer(name)
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "not found" in str(e):
+            raise ValueError(f"Unknown open_clip model {name!r}. Available: {open_clip.list_models()}") from e
+        raise download_hint(cfg.name, e) from e
+    except OSError as e:
+        raise download_hint(cfg.name, e) from e
+    pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    pp.setdefault("mean", CLIP_MEAN)
+    pp.setdefault("std", CLIP_STD)
+    return model, tokenizer, pp
+
+
+class OpenClipImageEncoder(ImageEncoder):
+    """The image tower of an open_clip model (native ViT or timm trunk)."""
+
+    def __init__(self, visual: nn.Module, preprocess: dict[str, Any], embed_dim: int):
+        super().__init__()
+        from open_clip.transformer import VisionTransformer
+
+        self.backbone = visual
+        if isinstance(visual, VisionTransformer):
+            width, depth = visual.transformer.width, len(visual.transformer.resblocks)
+            patch, prefix = visual.patch_size[0], 1
+            targets: tuple[str, ...] = ("attn", "c_fc", "c_proj")  # MHA wrapped whole: its out_proj is read directly
+        elif hasattr(visual, "trunk") and hasattr(visual.trunk, "blocks"):  # open_clip TimmModel (BiomedCLIP)
+            trunk = visual.trunk
+            width, depth = trunk.embed_dim, len(trunk.blocks)
+            patch, prefix = trunk.patch_embed.patch_size[0], getattr(trunk, "num_prefix_tokens", 1)
+            targets = ("qkv", "attn.proj", "fc1", "fc2")
+            visual.image_size = tuple(trunk.patch_embed.img_size)  # what the trunk really takes
+        else:
+            raise ValueError(f"Unsupported open_clip vision tower {type(visual).__name__}: needs a ViT")
+        size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
+        self.info = ImageEncoderInfo(
+            width=width, num_layers=depth, patch_size=patch, image_size=size, embed_dim=embed_dim,
+            num_prefix_tokens=prefix, mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]),
+            resample=_INTERP.get(str(preprocess.get("interpolation", "bicubic")), 3), lora_targets=targets,
+        )
+
+    def set_image_size(self, size: int) -> None:
+        """open_clip towers have fixed position embeddings: resample them once for ``size``."""
+        if size == self.info.image_size:
+            return
+        super().set_image_size(size)
+        visual = self.backbone
+        if hasattr(visual, "trunk"):
+            visual.set_input_size(size)  # timm resamples its own position embedding
+            return
+        pe = visual.positional_embedding.data  # (1 + g * g, C)
+        g = int(round((pe.shape[0] - 1) ** 0.5))
+        new = size // self.info.patch_size
+        grid = pe[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+        pe = torch.cat([pe[:1], grid.permute(0, 2, 3, 1).reshape(new * new, -1)])
+        visual.positional_embedding = nn.Parameter(pe, requires_grad=visual.positional_embedding.requires_grad)
+        visual.grid_size = (new, new)
+        visual.image_size = (size, size)
+
+    def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
+        """(B, 3, H, W) -> ImageFeatures; see ImageEncoder.forward."""
+        order = sorted(set(layers))
+        out = self.backbone.forward_intermediates(
+            pixel_values, indices=order, stop_early=not pooled, intermediates_only=not pooled,
+            output_fmt="NLC", output_extra_tokens=True,
+        )
+        patches, prefix = out["image_intermediates"], out.get("image_intermediates_prefix")
+        by_idx = {}
+        for j, i in enumerate(order):
+            by_idx[i] = torch.cat([prefix[j], patches[j]], dim=1) if prefix is not None else patches[j]
+        p = self.info.patch_size
+        h, w = pixel_values.shape[-2:]
+        return ImageFeatures(
+            tokens=[by_idx[i] for i in layers], grid=(h // p, w // p),
+            num_prefix_tokens=prefix[0].shape[1] if prefix is not None else 0,
+            pooled=out.get("image_features") if pooled else None, image_size=(h, w),
+        )
+
+
+class _NativeText(nn.Module):
+    """The text parts of ``open_clip.CLIP`` (which keeps them as attributes of the whole model)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.token_embedding = model.token_embedding
+        self.positional_embedding = model.positional_embedding
+        self.transformer = model.transformer
+        self.ln_final = model.ln_final
+        self.text_projection = model.text_projection
+        self.register_buffer("attn_mask", model.attn_mask, persistent=False)
+        self.pool_type = model.text_pool_type
+        self.eos_id = getattr(model, "text_eos_id", None)
+
+    def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        from open_clip.transformer import text_global_pool
+
+        n = ids.shape[1]
+        x = self.token_embedding(ids) + self.positional_embedding[:n]
+        mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        x = self.ln_final(self.transformer(x, attn_mask=mask))
+        pooled = text_global_pool(x, ids, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is not None:
+            pooled = self.text_projection(pooled) if isinstance(self.text_projection, nn.Linear) else pooled @ self.text_projection
+        return x, pooled
+
+
+class OpenClipTextEncoder(TextEncoder):
+    """The text tower of an open_clip model: native causal transformer, TextTransformer or HF text model."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int):
+        super().__init__()
+        from open_clip.hf_model import HFTextEncoder
+
+        self.tokenizer = tokenizer
+        text = getattr(model, "text", None)
+        self.kind = "hf" if isinstance(text, HFTextEncoder) else ("tower" if text is not None else "native")
+        if self.kind == "native":
+            self.backbone = _NativeText(model)
+            width, ctx = model.transformer.width, model.context_length
+            targets: tuple[str, ...] = ("attn", "c_fc", "c_proj")  # MHA wrapped whole: its out_proj is read directly
+            self.pad_id = 0
+        elif self.kind == "tower":
+            self.backbone = text
+            text.output_tokens = True
+            width, ctx = text.width, text.context_length
+            targets = ("attn", "c_fc", "c_proj")
+            self.pad_id = getattr(text, "pad_id", 0)
+        else:
+            self.backbone = text
+            width, ctx = text.config.hidden_size, getattr(tokenizer, "context_length", 256)
+            targets = ("query", "key", "value", "dense")
+            self.pad_id = text.config.pad_token_id or 0
+        self.info = TextEncoderInfo(width=width, embed_dim=embed_dim, max_length=int(ctx), lora_targets=targets)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        ids = self.tokenizer(list(texts))
+        mask = (ids != self.pad_id).long()
+        if self.kind == "native" or self.kind == "tower":
+            mask[:, 0] = 1  # start token
+        n = int(mask.sum(1).max())  # drop trailing padding shared by the whole batch (exact: masked or causal)
+        return {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """(K, L) -> TextFeatures (tokens (K, L, Dt), mask (K, L), pooled (K, D))."""
+        if self.kind == "native":
+            tokens, pooled = self.backbone(input_ids)
+        elif self.kind == "tower":
+            pooled, tokens = self.backbone(input_ids)
+        else:
+            out = self.backbone.transformer(input_ids=input_ids, attention_mask=attention_mask)
+            pooled = self.backbone.proj(self.backbone.pooler(out, attention_mask))
+            tokens = out.last_hidden_state
+        return TextFeatures(tokens=tokens, mask=attention_mask.bool(), pooled=pooled)
+
+
+def _embed_dim(model: nn.Module) -> int:
+    for part in (model.visual, getattr(model, "text", None)):
+        dim = getattr(part, "output_dim", None)
+        if dim:
+            return int(dim)
+    proj = getattr(model, "text_projection", None)
+    if proj is not None:
+        return int(proj.shape[-1] if not isinstance(proj, nn.Linear) else proj.out_features)
+    return 0
+
+
+@ENCODERS.register("open_clip")
+def build_open_clip(cfg: EncoderConfig) -> EncoderPair:
+    model, tokenizer, pp = _load(cfg)
+    embed_dim = _embed_dim(model)
+    return EncoderPair(
+        image=OpenClipImageEncoder(model.visual, pp, embed_dim),
+        text=OpenClipTextEncoder(model, tokenizer, embed_dim),
+    )

@@ -1,0 +1,80 @@
+"""A small from-scratch image trunk (conv stem + transformer blocks), trainable, for users without pretrained image
+weights and for offline CPU work. Same token contract as the pretrained ViTs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..config import EncoderConfig
+from . import ENCODERS
+from .base import IMAGENET_MEAN, IMAGENET_STD, EncoderPair, ImageEncoder, ImageEncoderInfo, ImageFeatures, run_blocks
+
+
+class ConvStem(nn.Module):
+    """(B, 3, H, W) -> (B, C, H / p, W / p) with log2(p) stride-2 conv stages (a better inductive bias than one
+    patchify conv when training from scratch on little data)."""
+
+    def __init__(self, width: int, patch_size: int):
+        super().__init__()
+        stages = int(math.log2(patch_size))
+        if 2**stages != patch_size:
+            raise ValueError(f"scratch encoder patch_size must be a power of two, got {patch_size}")
+        chans = [3] + [max(width // 2 ** (stages - i), 16) for i in range(1, stages)] + [width]
+        layers: list[nn.Module] = []
+        for i in range(stages):
+            layers += [nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(chans[i + 1]), nn.GELU()]
+        self.net = nn.Sequential(*layers[:-1])  # no activation after the last stage
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class ScratchImageEncoder(ImageEncoder):
+    """Conv stem + ``depth`` pre-norm transformer blocks on the patch grid (no prefix tokens)."""
+
+    def __init__(self, *, width: int = 192, depth: int = 4, heads: int = 3, patch_size: int = 16,
+                 image_size: int = 224, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.stem = ConvStem(width, patch_size)
+        g = image_size // patch_size
+        self.backbone.pos = nn.Parameter(torch.randn(1, width, g, g) * 0.02)
+        self.backbone.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, int(width * mlp_ratio), dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(depth)
+        )
+        self.backbone.norm = nn.LayerNorm(width)
+        self.info = ImageEncoderInfo(
+            width=width, num_layers=depth, patch_size=patch_size, image_size=image_size, embed_dim=width,
+            num_prefix_tokens=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=2,
+            lora_targets=("linear1", "linear2", "out_proj"),
+        )
+
+    def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
+        """(B, 3, H, W) -> ImageFeatures; see ImageEncoder.forward."""
+        b = self.backbone
+        x = b.stem(pixel_values)
+        gh, gw = x.shape[-2:]
+        pos = b.pos if b.pos.shape[-2:] == (gh, gw) else nn.functional.interpolate(
+            b.pos, size=(gh, gw), mode="bicubic", align_corners=False)
+        x = (x + pos).flatten(2).transpose(1, 2)  # (B, N, C)
+        run_to = list(layers) + ([len(b.blocks) - 1] if pooled else [])
+        outs = run_blocks(b.blocks, x, run_to, lambda blk, h: blk(h))
+        pooled_t = b.norm(outs.pop()).mean(1) if pooled else None
+        return ImageFeatures(tokens=outs, grid=(gh, gw), num_prefix_tokens=0, pooled=pooled_t,
+                             image_size=tuple(pixel_values.shape[-2:]))
+
+
+@ENCODERS.register("scratch")
+def build_scratch(cfg: EncoderConfig) -> EncoderPair:
+    allowed = {"width", "depth", "heads", "patch_size", "image_size", "mlp_ratio"}
+    unknown = set(cfg.options) - allowed
+    if unknown:
+        raise ValueError(f"Unknown scratch encoder option(s) {sorted(unknown)}; valid: {sorted(allowed)}")
+    return EncoderPair(image=ScratchImageEncoder(**cfg.options))

@@ -1,0 +1,96 @@
+"""Reading images into one form: an (H, W, 3) uint8 RGB array plus metadata. Data and prompts know nothing of
+models; models know nothing of files (this is the only place that reads them)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray
+
+
+@dataclass
+class ImageMeta:
+    """Where an image came from and what to keep to write results back (spacing, affine for volumes)."""
+
+    source: str | None = None
+    original_size: tuple[int, int] = (0, 0)  # (H, W)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def to_uint8_rgb(arr: np.ndarray, name: str = "image") -> np.ndarray:
+    """HxW or HxWxC (C in 1, 3, 4), uint8/uint16/int/float/bool -> (H, W, 3) uint8.
+
+    uint8 is kept; other integer types and floats outside [0, 1] are min-max scaled; floats in [0, 1] are x255.
+    """
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy array, got {type(arr).__name__}")
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name}: shape {arr.shape} looks channel-first; pass (H, W, C), e.g. arr.transpose(1, 2, 0)")
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"{name}: expected an (H, W) or (H, W, 1|3|4) image, got shape {arr.shape}")
+    if arr.shape[0] < 2 or arr.shape[1] < 2:
+        raise ValueError(f"{name}: image is too small ({arr.shape[0]}x{arr.shape[1]})")
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype != np.uint8:
+        a = arr.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name}: image contains NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if np.issubdtype(arr.dtype, np.floating) and lo >= 0.0 and hi <= 1.0:
+            a = a * 255.0
+        elif hi > lo:
+            a = (a - lo) / (hi - lo) * 255.0
+        else:
+            a = np.zeros_like(a)
+        arr = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    elif arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    elif arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    arr = np.ascontiguousarray(arr)
+    return arr if arr.flags.writeable else arr.copy()
+
+
+def read_image(image: ImageInput) -> tuple[np.ndarray, ImageMeta]:
+    """Path / PIL image / numpy array -> ((H, W, 3) uint8, meta). Raises ValueError naming the bad input."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.exists():
+            raise ValueError(f"Image file not found: {path}")
+        if path.is_dir():
+            raise ValueError(f"Expected an image file, got a folder: {path}")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                arr = _pil_to_array(im)
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"Unreadable or truncated image file {path}: {e}") from e
+        out = to_uint8_rgb(arr, str(path))
+        return out, ImageMeta(source=str(path), original_size=out.shape[:2])
+    if isinstance(image, Image.Image):
+        out = to_uint8_rgb(_pil_to_array(image), "PIL image")
+        return out, ImageMeta(original_size=out.shape[:2])
+    if isinstance(image, np.ndarray):
+        out = to_uint8_rgb(image, "array")
+        return out, ImageMeta(original_size=out.shape[:2])
+    raise ValueError(
+        f"Not an image: got {type(image).__name__}. Pass a file path, a PIL image or a numpy array (H, W[, C])."
+    )
+
+
+def _pil_to_array(im: Any) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return np.asarray(im)
+    if im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")
+    return np.asarray(im)

@@ -1,0 +1,52 @@
+"""LoRA on the frozen encoders through peft's functional API (STYLE P7). The whole model is never wrapped in a
+PeftModel, so attribute paths (``model.decoder``) stay stable and checkpoints stay small."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import LoraSpec
+
+
+def inject_lora(module: nn.Module, targets: tuple[str, ...], spec: LoraSpec, where: str) -> int:
+    """Add LoRA adapters to ``module``'s Linear/Conv/MHA layers named ``targets``; returns how many were wrapped."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not targets:
+        raise ValueError(f"No LoRA target modules known for the {where} encoder; set lora.{where}_targets")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(targets))
+    try:
+        inject_adapter_in_model(config, module)
+    except ValueError as e:
+        raise ValueError(f"LoRA targets {list(targets)} match no module of the {where} encoder: {e}") from e
+    return sum(isinstance(m, BaseTunerLayer) for m in module.modules())
+
+
+def merge_lora(module: nn.Module) -> int:
+    """Fold every LoRA adapter in ``module`` into its base weight and remove the adapter; returns the count."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = 0
+    tops: list[tuple[str, nn.Module]] = []
+    for name, child in module.named_modules():
+        # LoRA on nn.MultiheadAttention nests a LoRA out_proj inside; the outer layer merges both.
+        if isinstance(child, BaseTunerLayer) and not any(name.startswith(t + ".") for t, _ in tops):
+            tops.append((name, child))
+    for name, child in tops:
+        child.merge()
+        base = child.get_base_layer()
+        inner = getattr(base, "out_proj", None)
+        if isinstance(inner, BaseTunerLayer):
+            base.out_proj = inner.get_base_layer()
+        parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+        setattr(parent, name.rsplit(".", 1)[-1], base)
+        merged += 1
+    return merged
+
+
+def has_lora(module: nn.Module) -> bool:
+    """True if any LoRA adapter is injected in ``module``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return any(isinstance(m, BaseTunerLayer) for m in module.modules())

@@ -1,0 +1,306 @@
+"""VLSegModel: image encoder + text encoder + fusion decoder, for every family.
+
+Shapes (glossary in encoders/base.py): pixel_values (B, 3, H, W); K prompts per image; logits (B, K, H, W);
+presence (B, K). The image encoder runs once per image for all its K prompts, and only up to the deepest layer the
+decoder reads; prompt embeddings are cached (LRU) at inference.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .decoders.base import FusionDecoder
+from .encoders.base import ImageEncoder, ImageFeatures, TextEncoder, TextFeatures
+from .processing import ImageProcessor
+
+Prompts = str | Sequence[str] | Sequence[Sequence[str]]
+
+
+@dataclass
+class SegOutput:
+    """Attributes:
+    logits: (B, K, H, W) mask logits at the pixel-value size.
+    presence: (B, K) presence logits, or None when the decoder has no presence head.
+    """
+
+    logits: Tensor
+    presence: Tensor | None = None
+
+
+def normalize_prompts(prompts: Prompts, batch_size: int) -> tuple[list[str], int, bool]:
+    """-> (flat list of B * K prompts grouped by image, K, shared).
+
+    ``prompts`` is one string, K strings shared by the batch, or B lists of K strings each.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("No prompts given: pass at least one prompt string, e.g. ['polyp']")
+    if all(isinstance(p, str) for p in prompts):
+        _check_strings(prompts)
+        return prompts * batch_size if batch_size > 1 else prompts, len(prompts), True
+    if not all(isinstance(p, (list, tuple)) for p in prompts):
+        raise TypeError("prompts must be a string, a list of strings, or one list of strings per image")
+    if len(prompts) != batch_size:
+        raise ValueError(f"Got {len(prompts)} prompt lists for {batch_size} images; pass one list per image")
+    ks = {len(p) for p in prompts}
+    if len(ks) != 1 or 0 in ks:
+        raise ValueError(f"Every image needs the same non-zero number of prompts, got {sorted(len(p) for p in prompts)}")
+    flat = [s for p in prompts for s in p]
+    _check_strings(flat)
+    return flat, ks.pop(), False
+
+
+def _check_strings(prompts: list[str]) -> None:
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"Prompt {i} is a {type(p).__name__}, not a string")
+        if not p.strip():
+            raise ValueError(f"Prompt {i} is empty; give a description such as 'polyp'")
+
+
+class VLSegModel(nn.Module):
+    """A text-prompted segmentation model.
+
+    Args:
+        config: the ModelConfig it was built from (saved with every checkpoint).
+        image_encoder, text_encoder: modules following the encoder contract (encoders/base.py).
+        decoder: a FusionDecoder (or a native family's decoder adapter).
+        processor: the image processor matching the encoder (size, mean/std, resample).
+    """
+
+    text_cache_size = 1024
+
+    def __init__(self, config: ModelConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder,
+                 decoder: FusionDecoder, processor: ImageProcessor):
+        super().__init__()
+        self.config = config
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.decoder = decoder
+        self.processor = processor
+        self._text_cache: OrderedDict[str, TextFeatures] = OrderedDict()
+        self.stats = {"image_encoder_calls": 0, "text_encoder_calls": 0, "text_cache_hits": 0}
+        self.freeze_encoders()
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
+
+    # ---------------------------------------------------------------- freezing
+    def freeze_encoders(self) -> None:
+        """Freeze the encoder backbones named frozen in the config (requires_grad_(False) + eval); LoRA stays
+        trainable. Never ``no_grad`` in forward, so adapters and partial unfreezing get gradients."""
+        from .lora import has_lora
+
+        for enc, cfg in self._encoder_configs():
+            if cfg.frozen:
+                lora = has_lora(enc.backbone)
+                for name, p in enc.backbone.named_parameters():
+                    p.requires_grad_(lora and "lora_" in name)
+                enc.backbone.eval()
+
+    def unfreeze(self, which: str) -> None:
+        """Make an encoder fully trainable ('image' or 'text'); recorded in the config so checkpoints keep it."""
+        if which not in ("image", "text"):
+            raise ValueError(f"unfreeze takes 'image' or 'text', got {which!r}")
+        enc = self.image_encoder if which == "image" else self.text_encoder
+        enc.backbone.requires_grad_(True)
+        cfg = self.config.image_encoder if which == "image" else self.config.text_encoder
+        if cfg is not None:
+            cfg.frozen = False
+        else:
+            self.config.options[f"{which}_frozen"] = False
+        self.train(self.training)
+
+    def _encoder_configs(self) -> list[tuple[nn.Module, Any]]:
+        from types import SimpleNamespace
+
+        out = []
+        for which, enc in (("image", self.image_encoder), ("text", self.text_encoder)):
+            cfg = getattr(self.config, f"{which}_encoder")
+            if cfg is None:  # native families keep the flag in options
+                cfg = SimpleNamespace(frozen=self.config.options.get(f"{which}_frozen", True))
+            out.append((enc, cfg))
+        return out
+
+    def train(self, mode: bool = True) -> VLSegModel:
+        super().train(mode)
+        self._text_cache.clear()  # weights may change while training
+        for enc, cfg in self._encoder_configs():
+            if cfg.frozen:
+                enc.backbone.eval()  # frozen backbones keep eval behaviour (dropout off, BN stats fixed)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._text_cache.clear()  # device/dtype changes invalidate cached embeddings
+        return super()._apply(fn, *args, **kwargs)
+
+    def clear_cache(self) -> None:
+        """Drop cached prompt embeddings (call after changing text-encoder weights by hand)."""
+        self._text_cache.clear()
+
+    # ---------------------------------------------------------------- stages
+    def encode_image(self, pixel_values: Tensor) -> ImageFeatures:
+        """(B, 3, H, W) -> ImageFeatures of the layers the decoder reads (the encoder stops after the deepest)."""
+        self._check_pixels(pixel_values)
+        self.stats["image_encoder_calls"] += 1
+        return self.image_encoder(pixel_values, self.decoder.layers)
+
+    def encode_text(self, prompts: Sequence[str]) -> TextFeatures:
+        """K strings -> TextFeatures (K, ...). Repeated prompts are encoded once; at inference (eval mode and no
+        gradient) embeddings come from an LRU cache keyed by the prompt string."""
+        unique = list(dict.fromkeys(prompts))
+        order = {p: i for i, p in enumerate(unique)}
+        if self.training or torch.is_grad_enabled():
+            feats = self._run_text_encoder(unique)
+        else:
+            cache = self._text_cache
+            missing = [p for p in unique if p not in cache]
+            self.stats["text_cache_hits"] += len(unique) - len(missing)
+            found = {p: cache[p] for p in unique if p in cache}
+            if missing:
+                found.update(zip(missing, self._run_text_encoder(missing).trimmed()))
+            for p in unique:
+                cache[p] = found[p]
+                cache.move_to_end(p)
+            while len(cache) > self.text_cache_size:
+                cache.popitem(last=False)
+            feats = TextFeatures.cat([found[p] for p in unique])
+        if len(unique) == len(prompts):
+            return feats
+        return feats.index([order[p] for p in prompts])
+
+    def _run_text_encoder(self, prompts: list[str]) -> TextFeatures:
+        enc = self.text_encoder.tokenize(prompts)
+        dev = self.device
+        self.stats["text_encoder_calls"] += 1
+        return self.text_encoder(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+
+    def decode(self, image: ImageFeatures, text: TextFeatures, pixel_values: Tensor, k: int) -> SegOutput:
+        """B images x (B * K) prompts -> SegOutput (B, K, H, W)."""
+        out = self.decoder(image, text, pixel_values, k)
+        b = image.batch_size
+        logits = out.logits.reshape(b, k, *out.logits.shape[-2:])
+        presence = out.presence.reshape(b, k) if out.presence is not None else None
+        return SegOutput(logits=logits, presence=presence)
+
+    def forward(self, pixel_values: Tensor, prompts: Prompts) -> SegOutput:
+        """Args:
+            pixel_values: (B, 3, H, W) normalised images (see ``self.processor``).
+            prompts: K strings shared by the batch, or B lists of K strings.
+        Returns:
+            SegOutput: logits (B, K, H, W), presence (B, K) or None.
+        """
+        flat, k, shared = normalize_prompts(prompts, pixel_values.shape[0])
+        image = self.encode_image(pixel_values)
+        if shared:
+            text = self.encode_text(flat[:k])
+            b = pixel_values.shape[0]
+            text = text if b == 1 else text.index([j for _ in range(b) for j in range(k)])
+        else:
+            text = self.encode_text(flat)
+        return self.decode(image, text, pixel_values, k)
+
+    def _check_pixels(self, pixel_values: Tensor) -> None:
+        if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a (B, 3, H, W) tensor, got {shape}")
+        p = self.image_encoder.info.patch_size
+        h, w = pixel_values.shape[-2:]
+        if h % p or w % p:
+            nh, nw = -(-h // p) * p, -(-w // p) * p
+            raise ValueError(
+                f"Image height {h} and width {w} must be multiples of the patch size {p}. Resize or pad to "
+                f"({nh}, {nw}); vlseg.segment does this for you."
+            )
+
+    # ---------------------------------------------------------------- LoRA
+    def apply_lora(self, spec: Any = None) -> dict[str, int]:
+        """Inject LoRA adapters (peft) per ``spec`` (default: ``config.lora``); records the spec in the config."""
+        from .config import LoraSpec
+        from .lora import inject_lora
+
+        spec = spec if spec is not None else self.config.lora
+        if spec is None:
+            raise ValueError("No LoRA spec: pass LoraSpec(...) or set config.lora")
+        if isinstance(spec, dict):
+            spec = LoraSpec.from_dict(spec)
+        counts = {}
+        if spec.image:
+            t = spec.image_targets or self.image_encoder.info.lora_targets
+            counts["image"] = inject_lora(self.image_encoder.backbone, tuple(t), spec, "image")
+        if spec.text:
+            t = spec.text_targets or self.text_encoder.info.lora_targets
+            counts["text"] = inject_lora(self.text_encoder.backbone, tuple(t), spec, "text")
+        self.config.lora = spec
+        self.freeze_encoders()
+        self.clear_cache()
+        return counts
+
+    def merge_lora(self) -> int:
+        """Fold LoRA into the encoder weights for inference (no adapter overhead). The merged model is saved with
+        its encoders bundled (the adapters no longer exist separately)."""
+        from .lora import merge_lora
+
+        n = merge_lora(self.image_encoder.backbone) + merge_lora(self.text_encoder.backbone)
+        if n:
+            self.config.lora = None
+            self.config.options["merged_lora"] = True
+        self.clear_cache()
+        return n
+
+    def trainable_summary(self) -> dict[str, dict[str, int]]:
+        """Trainable and total parameter counts per top-level module (and 'total')."""
+        out: dict[str, dict[str, int]] = {}
+        for name, child in self.named_children():
+            params = list(child.parameters())
+            out[name] = {"trainable": sum(p.numel() for p in params if p.requires_grad),
+                         "total": sum(p.numel() for p in params)}
+        out["total"] = {k: sum(v[k] for v in out.values()) for k in ("trainable", "total")}
+        return out
+
+    def format_trainable_summary(self) -> str:
+        rows = [f"{'module':<16}{'trainable':>14}{'total':>14}"]
+        for name, v in self.trainable_summary().items():
+            rows.append(f"{name:<16}{v['trainable']:>14,}{v['total']:>14,}")
+        return "\n".join(rows)
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_pretrained(self, save_directory: str, include_encoders: bool = False, overwrite: bool = True) -> str:
+        """Write ``config.json`` + ``model.safetensors`` (trainable weights only unless ``include_encoders``).
+
+        Encoders built without pretrained weights are always bundled (they cannot be rebuilt from a name).
+        Returns the folder path.
+        """
+        from .checkpoint import save_model
+
+        return save_model(self, save_directory, include_encoders=include_encoders, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> VLSegModel:
+        """Same as ``vlseg.load``."""
+        from .checkpoint import load_model
+
+        return load_model(path, **kwargs)
+
+    def push_to_hub(self, repo_id: str, include_encoders: bool = False, private: bool = False,
+                    commit_message: str = "Upload vlseg model", token: str | None = None) -> str:
+        """Save to a temporary folder and upload it to the Hugging Face Hub; returns the commit URL."""
+        from .checkpoint import push_to_hub
+
+        return push_to_hub(self, repo_id, include_encoders=include_encoders, private=private,
+                           commit_message=commit_message, token=token)

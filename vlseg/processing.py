@@ -1,0 +1,56 @@
+"""Image processor: (H, W, 3) uint8 arrays -> normalised pixel values, and logits back to the original size.
+
+The resize matches transformers' torchvision image processors (uint8 resize with antialias, then fused
+rescale + normalise), so a native family reproduces its upstream pipeline exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+_MODES = {0: "NEAREST", 2: "BILINEAR", 3: "BICUBIC"}
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """Resize to ``size`` x ``size`` (aspect not kept, as CLIPSeg and medvlsm do), rescale 1/255, normalise.
+
+    Attributes:
+        size: output side.  mean, std: per channel.  resample: PIL code (0 nearest, 2 bilinear, 3 bicubic).
+    """
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: int = 2
+
+    def __call__(self, images: Sequence[np.ndarray], device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> Tensor:
+        """List of (H, W, 3) uint8 -> (B, 3, size, size) pixel values on ``device``."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2 import functional as tvF
+
+        mode = InterpolationMode[_MODES.get(self.resample, "BILINEAR")]
+        out = []
+        for arr in images:
+            t = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W) uint8, no copy
+            if tuple(t.shape[-2:]) != (self.size, self.size):
+                t = tvF.resize(t, [self.size, self.size], interpolation=mode, antialias=True)
+            out.append(t)
+        x = torch.stack(out).to(device=device, dtype=torch.float32)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255.0
+        return ((x - mean) / std).to(dtype)
+
+    @staticmethod
+    def postprocess(logits: Tensor, size: tuple[int, int]) -> Tensor:
+        """(K, h, w) logits -> (K, H, W) logits at the original image size (bilinear)."""
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
+        return F.interpolate(logits.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False)[0]
