@@ -41,15 +41,14 @@ def _encoders_rebuildable(config: ModelConfig) -> bool:
 
 def trainable_keys(model: Any) -> list[str]:
     """State-dict keys saved in a default (adapter/decoder-only) checkpoint."""
-    frozen = {"image_encoder": True, "text_encoder": True}
-    for enc, cfg in zip(("image_encoder", "text_encoder"), model._encoder_configs()):
-        frozen[enc] = bool(cfg[1].frozen)
+    frozen, prefixes = {}, {}
+    for top, (enc, cfg) in zip(("image_encoder", "text_encoder"), model._encoder_configs()):
+        frozen[top] = bool(cfg.frozen)
+        prefixes[top] = enc.trainable_prefixes
     keys = []
     for k in model.state_dict():
         top, _, rest = k.partition(".")
-        if top == "decoder" or top not in frozen:
-            keys.append(k)
-        elif not frozen[top] or not rest.startswith("backbone.") or "lora_" in rest:
+        if top not in frozen or not frozen[top] or "lora_" in rest or rest.startswith(prefixes[top]):
             keys.append(k)
     return keys
 

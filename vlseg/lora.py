@@ -3,23 +3,44 @@ PeftModel, so attribute paths (``model.decoder``) stay stable and checkpoints st
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from .config import LoraSpec
 
 
-def inject_lora(module: nn.Module, targets: tuple[str, ...], spec: LoraSpec, where: str) -> int:
-    """Add LoRA adapters to ``module``'s Linear/Conv/MHA layers named ``targets``; returns how many were wrapped."""
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|resblocks|layers|layer)\.(\d+)\.")
+
+
+def select_targets(module: nn.Module, targets: tuple[str, ...], max_block: int | None) -> list[str]:
+    """Full module names matching ``targets`` (exact or dotted suffix), skipping blocks deeper than ``max_block``
+    (they never run when the decoder reads shallower layers, so adapters there would be dead weight)."""
+    names = []
+    for name, _ in module.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        m = _BLOCK.search(name)
+        if max_block is not None and m is not None and int(m.group(1)) > max_block:
+            continue
+        names.append(name)
+    return names
+
+
+def inject_lora(module: nn.Module, targets: tuple[str, ...], spec: LoraSpec, where: str,
+                max_block: int | None = None) -> int:
+    """Add LoRA adapters to ``module``'s Linear/Conv/MHA layers named ``targets`` (in blocks up to ``max_block``);
+    returns how many were wrapped."""
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     if not targets:
         raise ValueError(f"No LoRA target modules known for the {where} encoder; set lora.{where}_targets")
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(targets))
-    try:
-        inject_adapter_in_model(config, module)
-    except ValueError as e:
-        raise ValueError(f"LoRA targets {list(targets)} match no module of the {where} encoder: {e}") from e
+    names = select_targets(module, targets, max_block)
+    if not names:
+        raise ValueError(f"LoRA targets {list(targets)} match no module of the {where} encoder")
+    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=names)
+    inject_adapter_in_model(config, module)
     return sum(isinstance(m, BaseTunerLayer) for m in module.modules())
 
 

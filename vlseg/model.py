@@ -104,21 +104,18 @@ class VLSegModel(nn.Module):
     def freeze_encoders(self) -> None:
         """Freeze the encoder backbones named frozen in the config (requires_grad_(False) + eval); LoRA stays
         trainable. Never ``no_grad`` in forward, so adapters and partial unfreezing get gradients."""
-        from .lora import has_lora
-
         for enc, cfg in self._encoder_configs():
             if cfg.frozen:
-                lora = has_lora(enc.backbone)
-                for name, p in enc.backbone.named_parameters():
-                    p.requires_grad_(lora and "lora_" in name)
-                enc.backbone.eval()
+                for name, p in enc.named_parameters():
+                    p.requires_grad_("lora_" in name or name.startswith(enc.trainable_prefixes))
+                enc.eval()
 
     def unfreeze(self, which: str) -> None:
         """Make an encoder fully trainable ('image' or 'text'); recorded in the config so checkpoints keep it."""
         if which not in ("image", "text"):
             raise ValueError(f"unfreeze takes 'image' or 'text', got {which!r}")
         enc = self.image_encoder if which == "image" else self.text_encoder
-        enc.backbone.requires_grad_(True)
+        enc.requires_grad_(True)
         cfg = self.config.image_encoder if which == "image" else self.config.text_encoder
         if cfg is not None:
             cfg.frozen = False
@@ -142,7 +139,7 @@ class VLSegModel(nn.Module):
         self._text_cache.clear()  # weights may change while training
         for enc, cfg in self._encoder_configs():
             if cfg.frozen:
-                enc.backbone.eval()  # frozen backbones keep eval behaviour (dropout off, BN stats fixed)
+                enc.eval()  # frozen encoders keep eval behaviour (dropout off, BN stats fixed)
         return self
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -242,7 +239,8 @@ class VLSegModel(nn.Module):
         counts = {}
         if spec.image:
             t = spec.image_targets or self.image_encoder.info.lora_targets
-            counts["image"] = inject_lora(self.image_encoder.backbone, tuple(t), spec, "image")
+            counts["image"] = inject_lora(self.image_encoder.backbone, tuple(t), spec, "image",
+                                          max_block=max(self.decoder.layers))
         if spec.text:
             t = spec.text_targets or self.text_encoder.info.lora_targets
             counts["text"] = inject_lora(self.text_encoder.backbone, tuple(t), spec, "text")

@@ -164,11 +164,14 @@ class TextFeatures:
 class ImageEncoder(nn.Module):
     """Base class of image encoders.
 
-    Subclasses set ``info`` and ``backbone`` (the part that is frozen) and implement ``forward``.
+    Subclasses set ``info`` and ``backbone`` (where LoRA goes) and implement ``forward``. A frozen encoder freezes
+    every parameter except LoRA and those under ``trainable_prefixes``.
     """
 
     info: ImageEncoderInfo
     backbone: nn.Module
+    #: parameter-name prefixes (within this module) that stay trainable when the encoder is frozen
+    trainable_prefixes: tuple[str, ...] = ()
 
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
         """Encode images.
@@ -196,6 +199,8 @@ class TextEncoder(nn.Module):
 
     info: TextEncoderInfo
     backbone: nn.Module
+    #: parameter-name prefixes (within this module) that stay trainable when the encoder is frozen
+    trainable_prefixes: tuple[str, ...] = ()
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Strings -> {"input_ids": (K, L) long, "attention_mask": (K, L) long}."""

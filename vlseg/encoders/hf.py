@@ -194,7 +194,8 @@ class HFTextEncoder(TextEncoder):
         self.pooling = pooling
         width = model.config.hidden_size
         embed_dim = embed_dim or width
-        self.proj = nn.Linear(width, embed_dim)  # trainable even when the backbone is frozen
+        self.proj = nn.Linear(width, embed_dim)  # learned: trainable even when the backbone is frozen
+        self.trainable_prefixes = ("proj.",)
         self.info = TextEncoderInfo(width=width, embed_dim=embed_dim, max_length=max_length, lora_targets=BERT_TARGETS)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:

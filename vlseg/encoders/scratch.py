@@ -34,6 +34,35 @@ class ConvStem(nn.Module):
         return self.net(x)
 
 
+class Block(nn.Module):
+    """Pre-norm transformer block with plain Linear layers (``qkv``, ``proj``, ``fc1``, ``fc2``), so LoRA wrappers
+    are honoured in every mode (``nn.TransformerEncoderLayer``'s inference fast path reads weights directly).
+
+    x: (B, N, C) -> (B, N, C).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, heads, N, c / heads)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, n, c))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
 class ScratchImageEncoder(ImageEncoder):
     """Conv stem + ``depth`` pre-norm transformer blocks on the patch grid (no prefix tokens)."""
 
@@ -44,16 +73,12 @@ class ScratchImageEncoder(ImageEncoder):
         self.backbone.stem = ConvStem(width, patch_size)
         g = image_size // patch_size
         self.backbone.pos = nn.Parameter(torch.randn(1, width, g, g) * 0.02)
-        self.backbone.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, int(width * mlp_ratio), dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=True)
-            for _ in range(depth)
-        )
+        self.backbone.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.backbone.norm = nn.LayerNorm(width)
         self.info = ImageEncoderInfo(
             width=width, num_layers=depth, patch_size=patch_size, image_size=image_size, embed_dim=width,
             num_prefix_tokens=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=2,
-            lora_targets=("linear1", "linear2", "out_proj"),
+            lora_targets=("qkv", "proj", "fc1", "fc2"),
         )
 
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:

@@ -1,0 +1,101 @@
+"""Offline builders for upstream-format folders with tiny random weights (tests only)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from importlib import resources
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = SHARED / "data"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer(out: str | os.PathLike) -> None:
+    """CLIP BPE tokenizer files (vocab.json + merges.txt) rebuilt from the vocabulary open_clip ships."""
+    from transformers import CLIPTokenizer
+
+    bpe = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz")
+    merges = gzip.open(bpe.open("rb")).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out = Path(out)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77).save_pretrained(out)
+
+
+def tiny_clip_config(model_type: str = "clip", image_size: int = 64, patch: int = 8) -> dict:
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+    return dict(
+        model_type=model_type,
+        text_config=dict(common, vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(common, image_size=image_size, patch_size=patch),
+        **({"projection_dim": 24} if model_type == "clip" else {}),
+    )
+
+
+def write_tiny_hf_clip(out: str | os.PathLike, seed: int = 0) -> str:
+    """A transformers CLIPModel folder (config + safetensors + tokenizer + image processor), random weights."""
+    import torch
+    from transformers import AutoConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    d = tiny_clip_config()
+    config = AutoConfig.for_model(d.pop("model_type"), **d)
+    CLIPModel(config).save_pretrained(out)
+    write_clip_tokenizer(out)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}).save_pretrained(out)
+    return str(out)
+
+
+def write_tiny_clipseg(out: str | os.PathLike, seed: int = 0) -> str:
+    """A CLIPSeg folder in the upstream layout (as ../shared/tools/make_upstream_clipseg.py --tiny writes)."""
+    import torch
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer, ViTImageProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPSegConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                           image_size=64, patch_size=16),
+        projection_dim=32, reduce_dim=16, extract_layers=(1, 2, 3), decoder_num_attention_heads=2,
+        decoder_intermediate_size=64, use_complex_transposed_convolution=True,
+    )
+    CLIPSegForImageSegmentation(config).eval().save_pretrained(out)
+    write_clip_tokenizer(out)
+    tok = CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"), model_max_length=77)
+    img = ViTImageProcessor(do_resize=True, size={"height": 64, "width": 64}, resample=2, do_normalize=True,
+                            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    CLIPSegProcessor(image_processor=img, tokenizer=tok).save_pretrained(out)
+    return str(out)
+
+
+def tiny_biomedclip_like(tmp: str | os.PathLike) -> dict:
+    """An open_clip encoder config shaped like BiomedCLIP (timm ViT trunk + HF BERT text, CLS pooler, MLP proj)."""
+    from transformers import BertConfig
+
+    bert = Path(tmp) / "tiny-bert"
+    BertConfig(vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+               max_position_embeddings=64).save_pretrained(bert)
+    return {"type": "open_clip", "pretrained": False, "options": {"model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 64},
+        "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_model_pretrained": False,
+                     "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32},
+    }}}

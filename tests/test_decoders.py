@@ -1,0 +1,97 @@
+"""Shared tester for every fusion decoder (STYLE P8): shapes at odd sizes, backward, save/load, LoRA, determinism."""
+
+import pytest
+import torch
+
+import vlseg
+from vlseg.encoders.base import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+
+DECODERS = {
+    "film": {"layers": [0, 1, 2], "reduce_dim": 16, "heads": 2},
+    "cross-attn": {"layers": [0, 1, 2], "dim": 32, "heads": 2},
+}
+
+
+def features(b, grid, c=24, layers=3, prefix=1):
+    n = grid[0] * grid[1]
+    return ImageFeatures(tokens=[torch.randn(b, prefix + n, c) for _ in range(layers)], grid=grid,
+                         num_prefix_tokens=prefix)
+
+
+def text(bk, length=5, dt=20, d=12):
+    mask = torch.ones(bk, length, dtype=torch.bool)
+    mask[0, 3:] = False
+    return TextFeatures(torch.randn(bk, length, dt), mask, torch.randn(bk, d))
+
+
+@pytest.fixture(params=sorted(DECODERS))
+def decoder(request):
+    cls = vlseg.decoders.DECODERS.get(request.param)
+    img = ImageEncoderInfo(width=24, num_layers=3, patch_size=8, image_size=64)
+    txt = TextEncoderInfo(width=20, embed_dim=12)
+    return cls.from_config(DECODERS[request.param], img, txt, presence=True)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (40, 72), (45, 61), (9, 17)])
+def test_shapes_at_odd_sizes(decoder, hw):
+    b, k = 2, 3
+    grid = (-(-hw[0] // 8), -(-hw[1] // 8))
+    out = decoder(features(b, grid), text(b * k), torch.randn(b, 3, *hw), k)
+    assert out.logits.shape == (b * k, *hw)
+    assert out.presence.shape == (b * k,)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_backward_reaches_every_parameter(decoder):
+    out = decoder(features(2, (4, 5)), text(4), torch.randn(2, 3, 32, 40), 2)
+    (out.logits.mean() + out.presence.mean()).backward()
+    missing = [n for n, p in decoder.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+def test_prompt_dependence(decoder):
+    """Different prompts for the same image give different masks (the text is used)."""
+    f = features(1, (4, 4))
+    t = text(2)
+    out = decoder(f, t, torch.randn(1, 3, 32, 32), 2)
+    assert not torch.allclose(out.logits[0], out.logits[1])
+
+
+def test_determinism(decoder):
+    decoder.eval()
+    f, t, pv = features(1, (4, 4)), text(2), torch.randn(1, 3, 32, 32)
+    a = decoder(f, t, pv, 2).logits
+    b = decoder(f, t, pv, 2).logits
+    assert torch.equal(a, b)
+
+
+def test_cross_attn_uses_token_states():
+    img = ImageEncoderInfo(width=24, num_layers=3, patch_size=8, image_size=64)
+    dec = vlseg.decoders.DECODERS.get("cross-attn").from_config(DECODERS["cross-attn"], img,
+                                                                TextEncoderInfo(width=20, embed_dim=12), True).eval()
+    f, t, pv = features(1, (4, 4)), text(1), torch.randn(1, 3, 32, 32)
+    a = dec(f, t, pv, 1).logits
+    t2 = TextFeatures(t.tokens.clone(), t.mask, t.pooled)
+    t2.tokens[:, 1] += 1.0  # same pooled embedding, different token states
+    assert not torch.allclose(a, dec(f, t2, pv, 1).logits)
+    t3 = TextFeatures(t.tokens.clone(), t.mask, t.pooled)
+    t3.tokens[:, 3:] += 100.0  # padded (masked) positions of prompt 0 must not reach the pixels
+    torch.testing.assert_close(dec(f, t3, pv, 1).logits, a)
+
+
+@pytest.mark.parametrize("name", sorted(DECODERS))
+def test_model_level_save_load_lora(name, tmp_path):
+    m = vlseg.create_model("tiny-test", pretrained=False, decoder={"name": name, "options": DECODERS[name]},
+                           lora={"r": 2, "text": True})
+    assert m.trainable_summary()["image_encoder"]["trainable"] > 0
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+        a = m(x, ["polyp", "vessel"]).logits
+    m.save_pretrained(tmp_path / "ck")
+    m2 = vlseg.load(tmp_path / "ck")
+    with torch.no_grad():
+        b = m2(x, ["polyp", "vessel"]).logits
+    torch.testing.assert_close(a, b)

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+import vlseg
+
+
+def count_calls(module):
+    calls = []
+    h = module.register_forward_hook(lambda *a: calls.append(1))
+    return calls, h
+
+
+def test_one_image_pass_for_k_prompts(tiny):
+    enc_calls, h = count_calls(tiny.image_encoder)
+    out = tiny(torch.randn(2, 3, 64, 64), ["polyp", "instrument", "vessel", "lesion"])
+    h.remove()
+    assert out.logits.shape == (2, 4, 64, 64)
+    assert out.presence.shape == (2, 4)
+    assert len(enc_calls) == 1  # one call for the batch of 2 images and 4 prompts
+
+
+def test_encoder_stops_at_deepest_decoder_layer():
+    m = vlseg.create_model("tiny-test", pretrained=False, decoder={"name": "film", "options": {"layers": [0, 1]}})
+    blocks = m.image_encoder.backbone.transformer.resblocks
+    ran = []
+    hooks = [b.register_forward_hook(lambda mod, i, o, j=j: ran.append(j)) for j, b in enumerate(blocks)]
+    m(torch.randn(1, 3, 64, 64), ["x"])
+    for h in hooks:
+        h.remove()
+    assert ran == [0, 1]  # block 2 of 3 is never run
+
+
+def test_text_cache_and_equality(tiny):
+    x = torch.randn(1, 3, 64, 64)
+    prompts = ["a polyp", "a long description of the larger lesion on the left", "a polyp"]
+    with torch.inference_mode():
+        a = tiny(x, prompts).logits
+        calls = tiny.stats["text_encoder_calls"]
+        b = tiny(x, prompts).logits
+        assert tiny.stats["text_encoder_calls"] == calls  # all prompts cached
+        assert tiny.stats["text_cache_hits"] >= 2
+    with torch.no_grad():
+        tiny.clear_cache()
+    c = tiny(x, prompts).logits.detach()  # grad enabled: no cache
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[:, 0], a[:, 2])
+
+
+def test_cache_cleared_by_train(tiny):
+    with torch.inference_mode():
+        tiny(torch.randn(1, 3, 64, 64), ["x"])
+    assert len(tiny._text_cache) == 1
+    tiny.train()
+    assert len(tiny._text_cache) == 0
+    assert not tiny.image_encoder.backbone.training  # frozen backbone stays in eval mode
+    assert tiny.decoder.training
+
+
+def test_per_image_prompt_lists(tiny):
+    x = torch.randn(2, 3, 64, 64)
+    tiny.eval()
+    with torch.no_grad():
+        out = tiny(x, [["polyp", "vessel"], ["vessel", "polyp"]])
+        shared = tiny(x, ["polyp", "vessel"])
+    torch.testing.assert_close(out.logits[0], shared.logits[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits[1, 0], shared.logits[1, 1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prompts,err", [
+    ([], "No prompts"), ([""], "empty"), (["ok", "  "], "empty"), ([["a"], ["b", "c"]], "same"),
+    ([["a"]], "prompt lists"),
+])
+def test_bad_prompts(tiny, prompts, err):
+    with pytest.raises(ValueError, match=err):
+        tiny(torch.randn(2, 3, 64, 64), prompts)
+
+
+def test_bad_pixel_values(tiny):
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        tiny(torch.randn(1, 3, 60, 64), ["x"])
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        tiny(torch.randn(3, 64, 64), ["x"])
+
+
+def test_trainable_summary_and_frozen(tiny):
+    s = tiny.trainable_summary()
+    assert s["image_encoder"]["trainable"] == 0 and s["text_encoder"]["trainable"] == 0
+    assert s["decoder"]["trainable"] == s["decoder"]["total"] > 0
+    assert s["total"]["total"] == sum(p.numel() for p in tiny.parameters())
+
+
+def test_unfreeze_records_config(tiny, tmp_path):
+    tiny.unfreeze("image")
+    assert tiny.trainable_summary()["image_encoder"]["trainable"] == tiny.trainable_summary()["image_encoder"]["total"]
+    assert tiny.config.image_encoder.frozen is False

@@ -1,0 +1,68 @@
+import pytest
+
+import vlseg
+from vlseg.config import CONFIG_VERSION, LoraSpec, ModelConfig
+from vlseg.decoders import DECODERS
+from vlseg.encoders import ENCODERS
+
+PRESETS = ["clipseg-rd64-refined", "biomedclip-film", "biomedclip-xattn", "clip-b16-film", "clip-b16-xattn",
+           "tiny-test", "minilm-scratch-film"]
+
+
+def test_presets_listed():
+    names = vlseg.list_models()
+    for p in PRESETS:
+        assert p in names
+    assert vlseg.list_models("biomed*") == ["biomedclip-film", "biomedclip-xattn"]
+
+
+def test_unknown_model_name_suggests_close_matches():
+    with pytest.raises(KeyError) as e:
+        vlseg.create_model("biomedclip-flim")
+    msg = str(e.value)
+    assert "biomedclip-film" in msg and "Did you mean" in msg and "tiny-test" in msg
+
+
+def test_unknown_encoder_and_decoder():
+    with pytest.raises(KeyError, match="Available"):
+        ENCODERS.get("open-clip")
+    with pytest.raises(KeyError, match="cross-attn"):
+        DECODERS.get("crossattn")
+
+
+def test_registry_returns_fresh_configs():
+    a = vlseg.get_model_config("tiny-test")
+    a.decoder.options["reduce_dim"] = 999
+    assert vlseg.get_model_config("tiny-test").decoder.options["reduce_dim"] == 16
+
+
+def test_config_round_trip_and_unknown_keys():
+    c = vlseg.get_model_config("biomedclip-xattn").replace(lora={"r": 4, "text": True})
+    assert ModelConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="Unknown key"):
+        ModelConfig.from_dict({**c.to_dict(), "decodr": {}})
+
+
+def test_newer_config_version_rejected():
+    d = vlseg.get_model_config("tiny-test").to_dict()
+    d["config_version"] = CONFIG_VERSION + 1
+    with pytest.raises(ValueError, match="newer vlseg"):
+        ModelConfig.from_dict(d)
+
+
+def test_lora_spec_validation():
+    with pytest.raises(ValueError, match="rank"):
+        LoraSpec(r=0)
+    with pytest.raises(ValueError, match="neither"):
+        LoraSpec(image=False, text=False)
+
+
+def test_unknown_decoder_option():
+    with pytest.raises(ValueError, match="reduce_dimm"):
+        vlseg.create_model("tiny-test", pretrained=False, decoder={"name": "film", "options": {"reduce_dimm": 8}})
+
+
+def test_hub_weights_offline_error_is_readable():
+    # HF_HUB_OFFLINE=1 in tests: the real loading path must fail with advice, not a deep stack trace.
+    with pytest.raises(RuntimeError, match="pretrained=False|local folder"):
+        vlseg.create_model("clip-b16-film", pretrained=True)
