@@ -71,7 +71,7 @@ def write_tiny_clipseg(out: str | os.PathLike, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = CLIPSegConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
                            image_size=64, patch_size=16),
         projection_dim=32, reduce_dim=16, extract_layers=(1, 2, 3), decoder_num_attention_heads=2,
         decoder_intermediate_size=64, use_complex_transposed_convolution=True,

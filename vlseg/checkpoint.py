@@ -171,7 +171,7 @@ def load_model(source: str | os.PathLike, revision: str | None = None, device: s
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from e
     bundled = bool(meta.get("bundled_encoders"))
-    model = build_model(config, encoders_pretrained=not bundled)
+    model = build_model(config, load_weights=not bundled)
     own = model.state_dict()
     expected = set(own) if bundled else set(trainable_keys(model))
     unexpected = sorted(set(state) - set(own))

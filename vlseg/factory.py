@@ -61,14 +61,12 @@ def _with_pretrained(config: ModelConfig, pretrained: bool | str) -> ModelConfig
     return config
 
 
-def build_model(config: ModelConfig, encoders_pretrained: bool = True) -> Any:
-    """Build a VLSegModel from a config. ``encoders_pretrained=False`` skips upstream weights (they will be
-    loaded from a bundled checkpoint)."""
+def build_model(config: ModelConfig, load_weights: bool = True) -> Any:
+    """Build a VLSegModel from a config. ``load_weights=False`` builds the same architecture without reading
+    upstream weights (a bundled checkpoint is loaded over it)."""
     from .families import FAMILIES
 
-    if not encoders_pretrained:
-        config = _with_pretrained(config, False)
-    return FAMILIES.get(config.family)(config)
+    return FAMILIES.get(config.family)(config, load_weights=load_weights)
 
 
 def create_model(name: str | ModelConfig, pretrained: bool | str = True, **overrides: Any) -> Any:

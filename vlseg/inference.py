@@ -59,8 +59,8 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
                 pv = model.processor(arrays, device=dev)
                 out = model(pv, list(prompts))
                 for i, arr in enumerate(arrays):
-                    logits = model.processor.postprocess(out.logits[i].float(), arr.shape[:2])
-                    probs = torch.sigmoid(logits)
+                    # sigmoid at the model's resolution, then resize probabilities (as the upstream pipelines do)
+                    probs = model.processor.postprocess(torch.sigmoid(out.logits[i].float()), arr.shape[:2])
                     if return_probs:
                         results.append(probs.cpu().numpy().astype(np.float32))
                         continue

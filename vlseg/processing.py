@@ -39,6 +39,8 @@ class ImageProcessor:
         mode = InterpolationMode[_MODES.get(self.resample, "BILINEAR")]
         out = []
         for arr in images:
+            if not arr.flags.writeable:
+                arr = arr.copy()
             t = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W) uint8, no copy
             if tuple(t.shape[-2:]) != (self.size, self.size):
                 t = tvF.resize(t, [self.size, self.size], interpolation=mode, antialias=True)
@@ -49,8 +51,8 @@ class ImageProcessor:
         return ((x - mean) / std).to(dtype)
 
     @staticmethod
-    def postprocess(logits: Tensor, size: tuple[int, int]) -> Tensor:
-        """(K, h, w) logits -> (K, H, W) logits at the original image size (bilinear)."""
-        if tuple(logits.shape[-2:]) == tuple(size):
-            return logits
-        return F.interpolate(logits.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False)[0]
+    def postprocess(maps: Tensor, size: tuple[int, int]) -> Tensor:
+        """(K, h, w) maps (probabilities) -> (K, H, W) at the original image size (bilinear)."""
+        if tuple(maps.shape[-2:]) == tuple(size):
+            return maps
+        return F.interpolate(maps.unsqueeze(0).float(), size=size, mode="bilinear", align_corners=False)[0]

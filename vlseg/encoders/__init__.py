@@ -16,7 +16,7 @@ from .base import (
     TextFeatures,
 )
 
-ENCODERS: Registry[Callable[[EncoderConfig], EncoderPair]] = Registry("encoder type")
+ENCODERS: Registry[Callable[..., EncoderPair]] = Registry("encoder type")  # builder(cfg, load_weights=True)
 
 
 def list_encoders(pattern: str = "*") -> list[str]:
@@ -24,14 +24,18 @@ def list_encoders(pattern: str = "*") -> list[str]:
     return ENCODERS.list(pattern)
 
 
-def build_encoders(image: EncoderConfig, text: EncoderConfig) -> tuple[ImageEncoder, TextEncoder]:
-    """Build the image and text towers, loading a shared backbone (e.g. one CLIP) only once."""
+def build_encoders(image: EncoderConfig, text: EncoderConfig, load_weights: bool = True
+                   ) -> tuple[ImageEncoder, TextEncoder]:
+    """Build the image and text towers, loading a shared backbone (e.g. one CLIP) only once.
+
+    ``load_weights=False`` builds the same architectures (configs and tokenizers still come from the named
+    sources) without reading upstream weights: used when a checkpoint bundles them."""
     cache: dict[Any, EncoderPair] = {}
 
     def pair(cfg: EncoderConfig) -> EncoderPair:
         key = cfg.key()
         if key not in cache:
-            cache[key] = ENCODERS.get(cfg.type)(cfg)
+            cache[key] = ENCODERS.get(cfg.type)(cfg, load_weights=load_weights)
         return cache[key]
 
     img = pair(image).image

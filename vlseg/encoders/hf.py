@@ -39,7 +39,7 @@ def _source(cfg: EncoderConfig) -> str:
     return resolve_pretrained_path(src)
 
 
-def load_hf_model(cfg: EncoderConfig, auto_cls: Any) -> nn.Module:
+def load_hf_model(cfg: EncoderConfig, auto_cls: Any, load_weights: bool = True) -> nn.Module:
     """``from_pretrained`` (weights) or ``from_config`` (random); ``options.config`` builds an inline architecture."""
     import transformers
 
@@ -51,7 +51,7 @@ def load_hf_model(cfg: EncoderConfig, auto_cls: Any) -> nn.Module:
         return auto_cls.from_config(config)
     src = _source(cfg)
     try:
-        if cfg.pretrained:
+        if cfg.pretrained and load_weights:
             return auto_cls.from_pretrained(src, revision=cfg.revision)
         config = transformers.AutoConfig.from_pretrained(src, revision=cfg.revision)
         return auto_cls.from_config(config)
@@ -167,10 +167,10 @@ class HFDualTextEncoder(TextEncoder):
 
 
 @ENCODERS.register("hf-clip")
-def build_hf_clip(cfg: EncoderConfig) -> EncoderPair:
+def build_hf_clip(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
     from transformers import AutoModel
 
-    model = load_hf_model(cfg, AutoModel)
+    model = load_hf_model(cfg, AutoModel, load_weights)
     if not hasattr(model, "vision_model") or not hasattr(model, "text_model"):
         raise ValueError(f"{cfg.name!r} is a {type(model).__name__}, not a dual (vision + text) encoder like CLIPModel")
     src = None if "config" in cfg.options else _source(cfg)
@@ -216,10 +216,10 @@ class HFTextEncoder(TextEncoder):
 
 
 @ENCODERS.register("hf-text")
-def build_hf_text(cfg: EncoderConfig) -> EncoderPair:
+def build_hf_text(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
     from transformers import AutoModel
 
-    model = load_hf_model(cfg, AutoModel)
+    model = load_hf_model(cfg, AutoModel, load_weights)
     src = None if "config" in cfg.options else _source(cfg)
     tok = _hf_tokenizer(cfg, src)
     max_len = int(cfg.options.get("max_length", min(getattr(model.config, "max_position_embeddings", 512), 128)))

@@ -28,7 +28,7 @@ from .base import (
 _INTERP = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
 
-def _load(cfg: EncoderConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Return (open_clip model, tokenizer, preprocess cfg)."""
     import open_clip
 
@@ -46,11 +46,11 @@ def _load(cfg: EncoderConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
         return model, tokenizer, pp
     if not cfg.name:
         raise ValueError("open_clip encoder config needs a 'name' (e.g. 'ViT-B-16' or 'hf-hub:org/repo')")
-    name, tag, load_weights = cfg.name, None, bool(cfg.pretrained)
+    name, tag, want = cfg.name, None, bool(cfg.pretrained)
     if isinstance(cfg.pretrained, str) and os.path.isdir(cfg.pretrained):
-        name, load_weights = f"local-dir:{cfg.pretrained}", True
+        name = f"local-dir:{cfg.pretrained}"
     elif name.startswith("hf-hub:"):
-        if load_weights:
+        if want:
             # Resolve through huggingface_hub so a revision can be pinned; open_clip then reads the local folder.
             from huggingface_hub import snapshot_download
 
@@ -60,14 +60,14 @@ def _load(cfg: EncoderConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
                 raise download_hint(name, e) from e
             name = f"local-dir:{local}"
     elif isinstance(cfg.pretrained, str):
-        tag = cfg.pretrained
-    elif load_weights:
+        tag = cfg.pretrained if load_weights else None
+    elif want:
         raise ValueError(
             f"open_clip model {name!r} needs a pretrained tag (e.g. 'openai'); available: "
             f"{open_clip.list_pretrained_tags_by_model(name)}"
         )
     try:
-        model = open_clip.create_model(name, pretrained=tag, load_weights=load_weights)
+        model = open_clip.create_model(name, pretrained=tag, load_weights=want and load_weights)
         tokenizer = open_clip.get_tokenizer(name)
     except RuntimeError as e:
         if "Unknown model" in str(e) or "not found" in str(e):
@@ -235,8 +235,8 @@ def _embed_dim(model: nn.Module) -> int:
 
 
 @ENCODERS.register("open_clip")
-def build_open_clip(cfg: EncoderConfig) -> EncoderPair:
-    model, tokenizer, pp = _load(cfg)
+def build_open_clip(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
+    model, tokenizer, pp = _load(cfg, load_weights)
     embed_dim = _embed_dim(model)
     return EncoderPair(
         image=OpenClipImageEncoder(model.visual, pp, embed_dim),

@@ -97,7 +97,7 @@ class ScratchImageEncoder(ImageEncoder):
 
 
 @ENCODERS.register("scratch")
-def build_scratch(cfg: EncoderConfig) -> EncoderPair:
+def build_scratch(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
     allowed = {"width", "depth", "heads", "patch_size", "image_size", "mlp_ratio"}
     unknown = set(cfg.options) - allowed
     if unknown:

@@ -8,7 +8,7 @@ from typing import Callable
 from ..config import ModelConfig
 from ..registry import Registry
 
-FAMILIES: Registry[Callable[[ModelConfig], "object"]] = Registry("model family")
+FAMILIES: Registry[Callable[..., "object"]] = Registry("model family")  # builder(config, load_weights=True)
 
 from . import clipseg, composed  # noqa: E402,F401
 

@@ -142,12 +142,12 @@ class _SimpleClipTokenizer:
         return {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
 
 
-def _load_upstream(config: ModelConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _load_upstream(config: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
 
     inline = config.options.get("arch")
     src = config.pretrained if isinstance(config.pretrained, str) else config.source
-    if not config.pretrained:
+    if not config.pretrained or (not load_weights and not (isinstance(src, str) and os.path.isdir(src))):
         if inline is None:
             if src is None:
                 raise ValueError("clipseg config needs 'source' (hub id or folder) or options.arch")
@@ -168,7 +168,10 @@ def _load_upstream(config: ModelConfig) -> tuple[nn.Module, Any, dict[str, Any]]
             raise ValueError(f"{src} is not a CLIPSeg folder (no config.json)")
     revision = config.options.get("revision")
     try:
-        model = CLIPSegForImageSegmentation.from_pretrained(src, revision=revision)
+        if load_weights:
+            model = CLIPSegForImageSegmentation.from_pretrained(src, revision=revision)
+        else:
+            model = CLIPSegForImageSegmentation(CLIPSegConfig.from_pretrained(src, revision=revision))
         processor = CLIPSegProcessor.from_pretrained(src, revision=revision)
     except OSError as e:
         raise download_hint(src, e) from e
@@ -182,8 +185,8 @@ def _load_upstream(config: ModelConfig) -> tuple[nn.Module, Any, dict[str, Any]]
 
 
 @FAMILIES.register("clipseg")
-def build_clipseg(config: ModelConfig) -> VLSegModel:
-    upstream, tokenizer, pp = _load_upstream(config)
+def build_clipseg(config: ModelConfig, load_weights: bool = True) -> VLSegModel:
+    upstream, tokenizer, pp = _load_upstream(config, load_weights)
     upstream.eval()
     clip = upstream.clip
     size = int(config.image_size or pp["size"])

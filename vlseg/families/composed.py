@@ -11,9 +11,9 @@ from . import FAMILIES
 
 
 @FAMILIES.register("composed")
-def build_composed(config: ModelConfig) -> VLSegModel:
+def build_composed(config: ModelConfig, load_weights: bool = True) -> VLSegModel:
     assert config.image_encoder and config.text_encoder and config.decoder  # checked in ModelConfig
-    image, text = build_encoders(config.image_encoder, config.text_encoder)
+    image, text = build_encoders(config.image_encoder, config.text_encoder, load_weights)
     decoder = DECODERS.get(config.decoder.name).from_config(
         dict(config.decoder.options), image.info, text.info, config.presence)
     size = config.image_size or image.info.image_size
