@@ -51,6 +51,8 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
     if not cfg.name:
         raise ValueError("open_clip encoder config needs a 'name' (e.g. 'ViT-B-16' or 'hf-hub:org/repo')")
     name, tag, want = cfg.name, None, bool(cfg.pretrained)
+    if isinstance(cfg.pretrained, str) and cfg.pretrained.startswith("hf-hub:"):
+        name = cfg.pretrained  # another hub repo in the open_clip layout
     if isinstance(cfg.pretrained, str) and os.path.isdir(cfg.pretrained):
         name = f"local-dir:{cfg.pretrained}"
     elif name.startswith("hf-hub:"):
@@ -63,7 +65,7 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
             except Exception as e:  # offline, unknown repo, ...
                 raise download_hint(name, e) from e
             name = f"local-dir:{local}"
-    elif isinstance(cfg.pretrained, str):
+    elif isinstance(cfg.pretrained, str) and not cfg.pretrained.startswith("hf-hub:"):
         tag = cfg.pretrained if load_weights else None
     elif want:
         raise ValueError(
