@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,14 +17,37 @@ def _is_batch(image: Any) -> bool:
     return isinstance(image, (list, tuple))
 
 
+def _is_volume(x: Any) -> bool:
+    from .data.clinical import is_volume_path
+
+    return isinstance(x, (str, os.PathLike)) and is_volume_path(x)
+
+
+def _segment_volume(model: VLSegModel, path: Any, prompts: Any, axis: int, window: Any, kw: dict) -> np.ndarray:
+    """Segment a NIfTI volume slice by slice -> (K, *volume shape)."""
+    from tqdm.auto import tqdm
+
+    from .data.clinical import read_nifti, volume_slices
+
+    vol = read_nifti(path)
+    slices = volume_slices(vol, axis=axis, win=window)
+    bs = kw["batch_size"]
+    out = []
+    for i in tqdm(range(0, len(slices), bs), desc=f"segment {os.path.basename(str(path))}", leave=False,
+                  disable=len(slices) <= bs):
+        out += segment(model, slices[i:i + bs], prompts, **kw)
+    return np.stack(out, axis=1 + axis)
+
+
 def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
             return_probs: bool = False, batch_size: int = 8, presence_threshold: float | None = 0.5,
-            autocast: bool = False) -> Any:
+            autocast: bool = False, volume_axis: int = 2, window: Any = None) -> Any:
     """Segment what the prompts describe.
 
     Args:
         model: a VLSegModel (``vlseg.create_model`` / ``vlseg.load``).
-        image: a path, PIL image or numpy array ((H, W), (H, W, 3); uint8, uint16 or float), or a list of them.
+        image: a path (PNG/JPEG/TIFF, ``.dcm``, or a ``.nii``/``.nii.gz`` volume), PIL image or numpy array
+            ((H, W), (H, W, 3); uint8, uint16 or float), or a list of them.
         prompts: one string or K strings, applied to every image.
         threshold: probability above which a pixel is foreground.
         return_probs: return float32 probabilities instead of boolean masks.
@@ -31,8 +55,12 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         presence_threshold: for models with a presence head, masks whose presence probability is below this are
             emptied ("target absent"); ``None`` disables the gate. Probabilities are never gated.
         autocast: run under bfloat16 autocast (faster on CPUs with bf16 and on GPUs; tiny numeric differences).
+        volume_axis, window: for NIfTI volumes, the slicing axis and the intensity window (a preset such as
+            "abdomen", a (center, width) pair, or None for min-max over the volume).
     Returns:
         For one image a (K, H, W) array (bool masks, or float32 probabilities); for a list, a list of those.
+        A NIfTI volume gives (K, X, Y, Z) in the file's voxel order (write it back with
+        ``vlseg.data.clinical.write_nifti(mask[k], vlseg.data.clinical.read_nifti(path), out)``).
     Raises:
         ValueError: empty prompt list, empty prompt string, unreadable or non-image input.
     """
@@ -46,6 +74,12 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     items = list(image) if _is_batch(image) else [image]
     if not items:
         raise ValueError("No images given")
+    if any(_is_volume(x) for x in items):
+        kw = dict(threshold=threshold, return_probs=return_probs, batch_size=batch_size,
+                  presence_threshold=presence_threshold, autocast=autocast)
+        out = [_segment_volume(model, x, prompts, volume_axis, window, kw) if _is_volume(x)
+               else segment(model, x, prompts, **kw) for x in items]
+        return out if _is_batch(image) else out[0]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     results = []

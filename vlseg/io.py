@@ -69,6 +69,15 @@ def read_image(image: ImageInput) -> tuple[np.ndarray, ImageMeta]:
             raise ValueError(f"Image file not found: {path}")
         if path.is_dir():
             raise ValueError(f"Expected an image file, got a folder: {path}")
+        if path.suffix.lower() == ".dcm":
+            from .data.clinical import read_dicom
+
+            arr, info = read_dicom(path)
+            out = to_uint8_rgb(arr, str(path))
+            return out, ImageMeta(source=str(path), original_size=out.shape[:2], extra=info)
+        if str(path).lower().endswith((".nii", ".nii.gz")):
+            raise ValueError(f"{path} is a NIfTI volume: read it with vlseg.data.clinical.read_nifti, or pass it to "
+                             "vlseg.segment, which segments it slice by slice")
         try:
             with Image.open(path) as im:
                 im.load()
@@ -90,7 +99,7 @@ def read_image(image: ImageInput) -> tuple[np.ndarray, ImageMeta]:
 
 def _pil_to_array(im: Any) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return np.asarray(im)
+        return np.asarray(im)  # 16-bit PNG/TIFF: scaled to uint8 by to_uint8_rgb
     if im.mode not in ("RGB", "L"):
         im = im.convert("RGB")
     return np.asarray(im)

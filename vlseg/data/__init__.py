@@ -1,1 +1,22 @@
-"""Data loading (filled below)."""
+"""Data: one sample schema (``Sample``), loaders returning indexable datasets, clinical formats, paired
+transforms and validation. Data knows nothing of models."""
+
+from .datasets import (
+    FileDataset,
+    HFDataset,
+    PooledDataset,
+    SampleDataset,
+    Subset,
+    from_folder,
+    from_hf,
+    from_manifest,
+    train_val_split,
+)
+from .schema import Sample
+from .transforms import PairedAugment
+from .validate import DataError, check_splits, read_mask
+
+__all__ = [
+    "DataError", "FileDataset", "PairedAugment", "HFDataset", "PooledDataset", "Sample", "SampleDataset", "Subset", "check_splits",
+    "from_folder", "from_hf", "from_manifest", "read_mask", "train_val_split",
+]

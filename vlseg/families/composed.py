@@ -20,7 +20,8 @@ def build_composed(config: ModelConfig, load_weights: bool = True) -> VLSegModel
     if size % image.info.patch_size:
         raise ValueError(f"image_size {size} must be a multiple of the encoder patch size {image.info.patch_size}")
     image.set_image_size(size)
-    processor = ImageProcessor(size=size, mean=image.info.mean, std=image.info.std, resample=image.info.resample)
+    processor = ImageProcessor(size=size, mean=image.info.mean, std=image.info.std, resample=image.info.resample,
+                               pad=bool(config.options.get("pad_to_square", False)))
     model = VLSegModel(config, image, text, decoder, processor)
     if config.lora is not None:
         model.apply_lora(config.lora)
