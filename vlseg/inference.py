@@ -41,7 +41,8 @@ def _segment_volume(model: VLSegModel, path: Any, prompts: Any, axis: int, windo
 
 def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
             return_probs: bool = False, batch_size: int = 8, presence_threshold: float | None = 0.5,
-            autocast: bool = False, volume_axis: int = 2, window: Any = None) -> Any:
+            autocast: bool = False, volume_axis: int = 2, window: Any = None, allow_empty_prompts: bool = False
+            ) -> Any:
     """Segment what the prompts describe.
 
     Args:
@@ -62,13 +63,14 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         A NIfTI volume gives (K, X, Y, Z) in the file's voxel order (write it back with
         ``vlseg.data.clinical.write_nifti(mask[k], vlseg.data.clinical.read_nifti(path), out)``).
     Raises:
-        ValueError: empty prompt list, empty prompt string, unreadable or non-image input.
+        ValueError: empty prompt list, empty prompt string (unless ``allow_empty_prompts``, for ablations),
+            unreadable or non-image input.
     """
     if not isinstance(model, VLSegModel):
         raise TypeError(f"segment() needs a VLSegModel (vlseg.create_model / vlseg.load), got {type(model).__name__}")
     if isinstance(prompts, str):
         prompts = [prompts]
-    normalize_prompts(list(prompts), 1)  # validate once, before any image work
+    normalize_prompts(list(prompts), 1, allow_empty=allow_empty_prompts)  # validate before any image work
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     items = list(image) if _is_batch(image) else [image]
@@ -76,7 +78,7 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         raise ValueError("No images given")
     if any(_is_volume(x) for x in items):
         kw = dict(threshold=threshold, return_probs=return_probs, batch_size=batch_size,
-                  presence_threshold=presence_threshold, autocast=autocast)
+                  presence_threshold=presence_threshold, autocast=autocast, allow_empty_prompts=allow_empty_prompts)
         out = [_segment_volume(model, x, prompts, volume_axis, window, kw) if _is_volume(x)
                else segment(model, x, prompts, **kw) for x in items]
         return out if _is_batch(image) else out[0]

@@ -34,10 +34,11 @@ class SegOutput:
     presence: Tensor | None = None
 
 
-def normalize_prompts(prompts: Prompts, batch_size: int) -> tuple[list[str], int, bool]:
+def normalize_prompts(prompts: Prompts, batch_size: int, allow_empty: bool = False) -> tuple[list[str], int, bool]:
     """-> (flat list of B * K prompts grouped by image, K, shared).
 
-    ``prompts`` is one string, K strings shared by the batch, or B lists of K strings each.
+    ``prompts`` is one string, K strings shared by the batch, or B lists of K strings each. Empty strings are
+    rejected unless ``allow_empty`` (the p0 "no text" level used in training and ablations).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -45,7 +46,7 @@ def normalize_prompts(prompts: Prompts, batch_size: int) -> tuple[list[str], int
     if not prompts:
         raise ValueError("No prompts given: pass at least one prompt string, e.g. ['polyp']")
     if all(isinstance(p, str) for p in prompts):
-        _check_strings(prompts)
+        _check_strings(prompts, allow_empty)
         return prompts * batch_size if batch_size > 1 else prompts, len(prompts), True
     if not all(isinstance(p, (list, tuple)) for p in prompts):
         raise TypeError("prompts must be a string, a list of strings, or one list of strings per image")
@@ -55,15 +56,15 @@ def normalize_prompts(prompts: Prompts, batch_size: int) -> tuple[list[str], int
     if len(ks) != 1 or 0 in ks:
         raise ValueError(f"Every image needs the same non-zero number of prompts, got {sorted(len(p) for p in prompts)}")
     flat = [s for p in prompts for s in p]
-    _check_strings(flat)
+    _check_strings(flat, allow_empty)
     return flat, ks.pop(), False
 
 
-def _check_strings(prompts: list[str]) -> None:
+def _check_strings(prompts: list[str], allow_empty: bool = False) -> None:
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"Prompt {i} is a {type(p).__name__}, not a string")
-        if not p.strip():
+        if not allow_empty and not p.strip():
             raise ValueError(f"Prompt {i} is empty; give a description such as 'polyp'")
 
 
@@ -195,15 +196,18 @@ class VLSegModel(nn.Module):
         presence = out.presence.reshape(b, k) if out.presence is not None else None
         return SegOutput(logits=logits, presence=presence)
 
-    def forward(self, pixel_values: Tensor, prompts: Prompts) -> SegOutput:
+    def forward(self, pixel_values: Tensor, prompts: Prompts, image_features: ImageFeatures | None = None
+                ) -> SegOutput:
         """Args:
             pixel_values: (B, 3, H, W) normalised images (see ``self.processor``).
-            prompts: K strings shared by the batch, or B lists of K strings.
+            prompts: K strings shared by the batch, or B lists of K strings ("" = no text, the p0 level).
+            image_features: precomputed ``encode_image(pixel_values)`` (e.g. from a FeatureCache) to skip the
+                image encoder.
         Returns:
             SegOutput: logits (B, K, H, W), presence (B, K) or None.
         """
-        flat, k, shared = normalize_prompts(prompts, pixel_values.shape[0])
-        image = self.encode_image(pixel_values)
+        flat, k, shared = normalize_prompts(prompts, pixel_values.shape[0], allow_empty=True)
+        image = self.encode_image(pixel_values) if image_features is None else image_features
         if shared:
             text = self.encode_text(flat[:k])
             b = pixel_values.shape[0]
@@ -224,6 +228,19 @@ class VLSegModel(nn.Module):
                 f"Image height {h} and width {w} must be multiples of the patch size {p}. Resize or pad to "
                 f"({nh}, {nw}); vlseg.segment does this for you."
             )
+
+    def set_gradient_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in trainable encoders (HF / open_clip / scratch backbones)."""
+        for enc in (self.image_encoder, self.text_encoder):
+            b = enc.backbone
+            if hasattr(b, "gradient_checkpointing_enable") and enable:
+                b.gradient_checkpointing_enable()
+            elif hasattr(b, "gradient_checkpointing_disable") and not enable:
+                b.gradient_checkpointing_disable()
+            elif hasattr(b, "set_grad_checkpointing"):
+                b.set_grad_checkpointing(enable)
+            if hasattr(enc, "grad_checkpointing"):
+                enc.grad_checkpointing = enable
 
     # ---------------------------------------------------------------- LoRA
     def apply_lora(self, spec: Any = None) -> dict[str, int]:

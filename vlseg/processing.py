@@ -56,6 +56,20 @@ class ImageProcessor:
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1) * 255.0
         return ((x - mean) / std).to(dtype)
 
+    def masks(self, masks: Sequence[np.ndarray], device: torch.device | str = "cpu") -> Tensor:
+        """List of (H, W) bool masks -> (B, size, size) float targets with the images' geometry (nearest)."""
+        out = []
+        for m in masks:
+            m = np.asarray(m, dtype=np.uint8)
+            if self.pad and m.shape[0] != m.shape[1]:
+                side = max(m.shape)
+                m = np.pad(m, ((0, side - m.shape[0]), (0, side - m.shape[1])))
+            t = torch.from_numpy(np.ascontiguousarray(m))[None, None].float()
+            if tuple(t.shape[-2:]) != (self.size, self.size):
+                t = F.interpolate(t, size=(self.size, self.size), mode="nearest-exact")
+            out.append(t[0, 0])
+        return torch.stack(out).to(device)
+
     def postprocess(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
         """(K, h, w) maps (probabilities) -> (K, H, W) at the original image size (bilinear; padding removed)."""
         h, w = int(size[0]), int(size[1])

@@ -87,6 +87,7 @@ class FileDataset(SampleDataset):
         extra = {k: v for k, v in r.items() if k not in ("image", "mask", "class_name", "dataset", "modality",
                                                           "negative", "spacing")}
         extra["original_size"] = meta.original_size
+        extra["image"] = r["image"]
         extra.update(meta.extra)
         spacing = r.get("spacing") or meta.extra.get("spacing")
         negative = bool(r.get("negative")) or (mask is not None and not mask.any())
@@ -266,7 +267,7 @@ class HFDataset(SampleDataset):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
         return Sample(image=image, mask=mask, class_name=cls, prompts=prompts, dataset=self.dataset,
                       modality=self.modality, negative=mask is not None and not mask.any(),
-                      meta={"row": r["row"]})
+                      meta={"row": r["row"], "image": f"{self.dataset}#{r['row']}"})
 
 
 def from_hf(name_or_path: str | Path, split: str = "train", image_column: str = "image",

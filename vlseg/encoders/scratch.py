@@ -75,6 +75,7 @@ class ScratchImageEncoder(ImageEncoder):
         self.backbone.pos = nn.Parameter(torch.randn(1, width, g, g) * 0.02)
         self.backbone.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.backbone.norm = nn.LayerNorm(width)
+        self.grad_checkpointing = False
         self.info = ImageEncoderInfo(
             width=width, num_layers=depth, patch_size=patch_size, image_size=image_size, embed_dim=width,
             num_prefix_tokens=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=2,
@@ -90,7 +91,12 @@ class ScratchImageEncoder(ImageEncoder):
             b.pos, size=(gh, gw), mode="bicubic", align_corners=False)
         x = (x + pos).flatten(2).transpose(1, 2)  # (B, N, C)
         run_to = list(layers) + ([len(b.blocks) - 1] if pooled else [])
-        outs = run_blocks(b.blocks, x, run_to, lambda blk, h: blk(h))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            outs = run_blocks(b.blocks, x, run_to, lambda blk, h: checkpoint(blk, h, use_reentrant=False))
+        else:
+            outs = run_blocks(b.blocks, x, run_to, lambda blk, h: blk(h))
         pooled_t = b.norm(outs.pop()).mean(1) if pooled else None
         return ImageFeatures(tokens=outs, grid=(gh, gw), num_prefix_tokens=0, pooled=pooled_t,
                              image_size=tuple(pixel_values.shape[-2:]))
