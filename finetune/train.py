@@ -79,6 +79,10 @@ class TrainConfig:
     resume: str | None = None
     log_tensorboard: bool = False
     threads: int | None = None
+    save_rank_fingerprints: bool = False  # each process writes a hash of its weights (checks DDP consistency)
+
+
+_STRING_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if f.type in ("str", "str | None")}
 
 
 def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
@@ -96,11 +100,16 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
         parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        # YAML 1.1 reads off/no/yes as booleans: keep the text for string options (cache_features=off)
+        node[parts[-1]] = value if isinstance(parsed, bool) and parts[-1] in _STRING_KEYS else parsed
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise SystemExit(f"error: unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+    for k in _STRING_KEYS & set(d):
+        if isinstance(d[k], bool):  # `cache_features: off` in a YAML file
+            d[k] = {False: "off" if k == "cache_features" else "no", True: "on"}[d[k]]
     cfg = TrainConfig(**d)
     if cfg.train_parts not in ("decoder", "lora", "full"):
         raise SystemExit(f"error: train_parts must be decoder, lora or full, got {cfg.train_parts!r}")
@@ -265,7 +274,11 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    # Several processes on a machine without GPUs (`accelerate launch --multi_gpu --num_processes 2` there):
+    # ask accelerate for MULTI_CPU (gloo); otherwise it would run each process alone.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=multi_cpu)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -364,6 +377,14 @@ def main(argv: list[str] | None = None) -> None:
                           f"{abs(best):.4f})")
             accelerator.wait_for_everyone()
     bar.close()
+    if cfg.save_rank_fingerprints:
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, p in sorted(core.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        (out / f"weights_rank{accelerator.process_index}.sha256").write_text(h.hexdigest())
     if accelerator.is_main_process:
         plot_curves(log, out / "curves.png")
         final = {"step": step, "elapsed_s": round(time.time() - t0, 1)}
