@@ -12,7 +12,7 @@ from .config import DecoderConfig, EncoderConfig, LoraSpec, ModelConfig
 from .decoders import list_decoders
 from .encoders import list_encoders
 from .factory import add_model_config, create_model, get_model_config, list_models
-from .inference import segment
+from .inference import Prediction, predict, segment
 from .model import SegOutput, VLSegModel
 from .version import __version__
 
@@ -22,6 +22,7 @@ __all__ = [
     "EncoderConfig",
     "LoraSpec",
     "ModelConfig",
+    "Prediction",
     "SegOutput",
     "VLSegModel",
     "__version__",
@@ -32,5 +33,6 @@ __all__ = [
     "list_encoders",
     "list_models",
     "load",
+    "predict",
     "segment",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,65 @@ from .model import VLSegModel, normalize_prompts
 
 def _is_batch(image: Any) -> bool:
     return isinstance(image, (list, tuple))
+
+
+def _run(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: int, autocast: bool
+         ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """-> per image: (K, H, W) float32 probabilities at the image's size, (K,) presence probabilities or None."""
+    out = []
+    dev = model.device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(items), batch_size):
+            arrays = [read_image(x)[0] for x in items[start:start + batch_size]]
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+                pv = model.processor(arrays, device=dev)
+                res = model(pv, prompts)
+                for i, arr in enumerate(arrays):
+                    # sigmoid at the model's resolution, then resize probabilities (as the upstream pipelines do)
+                    probs = model.processor.postprocess(torch.sigmoid(res.logits[i].float()), arr.shape[:2])
+                    presence = None if res.presence is None else torch.sigmoid(res.presence[i].float())
+                    out.append((probs.cpu().numpy().astype(np.float32),
+                                None if presence is None else presence.cpu().numpy()))
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class Prediction:
+    """What the model says about one image and K prompts.
+
+    Attributes:
+        masks: (K, H, W) bool (thresholded, presence-gated when the model has a presence head).
+        probs: (K, H, W) float32 pixel probabilities.
+        presence: (K,) probability that each prompted structure is present: the presence head when the model
+            has one, else the highest pixel probability.
+        has_presence_head: which of the two ``presence`` is.
+    """
+
+    masks: np.ndarray
+    probs: np.ndarray
+    presence: np.ndarray
+    has_presence_head: bool
+
+
+def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
+            presence_threshold: float | None = 0.5) -> Prediction:
+    """Masks, probabilities and presence scores for one 2D image (path, PIL or array) and K prompts."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    normalize_prompts(list(prompts), 1)
+    if not isinstance(model, VLSegModel):
+        raise TypeError(f"predict() needs a VLSegModel, got {type(model).__name__}")
+    probs, presence = _run(model, [image], list(prompts), 1, False)[0]
+    masks = probs > threshold
+    head = presence is not None
+    if head and presence_threshold is not None:
+        masks &= (presence >= presence_threshold)[:, None, None]
+    score = presence if head else probs.reshape(len(prompts), -1).max(1)
+    return Prediction(masks=masks, probs=probs, presence=score, has_presence_head=head)
 
 
 def _is_volume(x: Any) -> bool:
@@ -85,26 +145,12 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     results = []
-    dev = model.device
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(items), batch_size):
-            arrays = [read_image(x)[0] for x in items[start:start + batch_size]]
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
-                pv = model.processor(arrays, device=dev)
-                out = model(pv, list(prompts))
-                for i, arr in enumerate(arrays):
-                    # sigmoid at the model's resolution, then resize probabilities (as the upstream pipelines do)
-                    probs = model.processor.postprocess(torch.sigmoid(out.logits[i].float()), arr.shape[:2])
-                    if return_probs:
-                        results.append(probs.cpu().numpy().astype(np.float32))
-                        continue
-                    masks = probs > threshold
-                    if out.presence is not None and presence_threshold is not None:
-                        present = torch.sigmoid(out.presence[i].float()) >= presence_threshold
-                        masks &= present.view(-1, 1, 1)
-                    results.append(masks.cpu().numpy())
-    finally:
-        model.train(was_training)
+    for probs, presence in _run(model, items, list(prompts), batch_size, autocast):
+        if return_probs:
+            results.append(probs)
+            continue
+        masks = probs > threshold
+        if presence is not None and presence_threshold is not None:
+            masks &= (presence >= presence_threshold)[:, None, None]
+        results.append(masks)
     return results if _is_batch(image) else results[0]
