@@ -71,7 +71,9 @@ def test_gradio_client_segments(demo_server):
         api_name="/segment")
     rows = table["data"]
     assert [r[0] for r in rows] == ["polyp", "the grasper"] and rows[0][3] == "presence"
-    assert len(annotated["annotations"]) == 2
+    ann = annotated.get("value", annotated)  # a component update carries the legend colours too
+    assert [a["label"] for a in ann["annotations"]] == ["polyp", "the grasper"]
+    assert annotated.get("color_map", {}).get("polyp") == "#e6194b"  # same colour as the overlay PNG
     assert Image.open(overlay).size == (160, 120)
     import zipfile
 
