@@ -2,41 +2,17 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-from importlib import resources
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
 def write_clip_tokenizer(out: str | os.PathLike) -> None:
-    """CLIP BPE tokenizer files (vocab.json + merges.txt) rebuilt from the vocabulary open_clip ships."""
-    from transformers import CLIPTokenizer
+    from vlseg.encoders.tokenizers import write_clip_tokenizer as write
 
-    bpe = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz")
-    merges = gzip.open(bpe.open("rb")).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    vocab = list(_bytes_to_unicode().values())
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out = Path(out)
-    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    CLIPTokenizer(str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77).save_pretrained(out)
+    write(out)
 
 
 def tiny_clip_config(model_type: str = "clip", image_size: int = 64, patch: int = 8) -> dict:

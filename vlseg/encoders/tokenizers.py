@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import json
+import os
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -23,3 +28,35 @@ class SimpleClipTokenizer:
         mask = (ids != 0).long()
         n = int(mask.sum(1).max())
         return {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def write_clip_tokenizer(out: str | os.PathLike) -> str:
+    """Write transformers CLIPTokenizer files (vocab.json, merges.txt, tokenizer config) rebuilt from the BPE
+    vocabulary open_clip ships: the same tokenizer as openai/clip-* and CIDAS/clipseg-*, offline."""
+    from transformers import CLIPTokenizer
+
+    bpe = resources.files("open_clip").joinpath("bpe_simple_vocab_16e6.txt.gz")
+    with bpe.open("rb") as f:
+        merges = gzip.open(f).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
+    vocab = list(_bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77).save_pretrained(folder)
+    return str(folder)
