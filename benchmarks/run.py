@@ -140,6 +140,14 @@ def case_e2e_and_k(ref: Reference, model: Any, image: Any, ks: list[int], reps: 
     out.append({"name": "single_prompt_e2e", "vlseg_s": t["vlseg"], "reference": "transformers CLIPSeg pipeline",
                 "reference_s": t["ref"], "ratio": t["ref"] / t["vlseg"], "mask_agreement": agree,
                 "note": "PIL 512x512 in, binary mask at 512x512 out; prompt embedding cached after the first call"})
+    bf = interleaved({"vlseg": lambda: vlseg.segment(model, image, [PROMPTS[0]], autocast=True),
+                      "ref": lambda: ref(image, [PROMPTS[0]])}, reps, 1, device)
+    with torch.inference_mode():
+        c = vlseg.segment(model, image, PROMPTS[:2], return_probs=True, autocast=True)
+    out.append({"name": "single_prompt_e2e_bf16", "vlseg_s": bf["vlseg"], "reference": "transformers CLIPSeg pipeline (fp32)",
+                "reference_s": bf["ref"], "ratio": bf["ref"] / bf["vlseg"], "mask_agreement": float(((c > 0.5) == b).mean()),
+                "max_prob_diff": float(np.abs(c - a).max()),
+                "note": "opt-in vlseg.segment(..., autocast=True): bfloat16, outputs differ slightly"})
     cold = interleaved({"vlseg": lambda: (model.clear_cache(), vlseg.segment(model, image, [PROMPTS[0]])),
                         "ref": lambda: ref(image, [PROMPTS[0]])}, reps, 1, device)
     out.append({"name": "single_prompt_e2e_cold_text", "vlseg_s": cold["vlseg"],

@@ -141,3 +141,19 @@ def test_not_a_dual_encoder(tmp_path):
               ).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not a dual"):
         ENCODERS.get("hf-clip")(EncoderConfig(type="hf-clip", name=str(tmp_path)))
+
+
+def test_position_cache_equals_transformers_embeddings(hf_clip_dir):
+    from vlseg.encoders.hf import PositionCache
+
+    pair = ENCODERS.get("hf-clip")(EncoderConfig(type="hf-clip", name=hf_clip_dir))
+    emb = pair.image.backbone.embeddings
+    cache = PositionCache()
+    for size in (64, 96, 96, 80):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(cache(emb, x), emb(x, interpolate_pos_encoding=True))
+    with torch.no_grad():
+        emb.position_embedding.weight.add_(1.0)  # changed weights invalidate the cached value
+        x = torch.randn(1, 3, 96, 96)
+        torch.testing.assert_close(cache(emb, x), emb(x, interpolate_pos_encoding=True))

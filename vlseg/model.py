@@ -137,7 +137,8 @@ class VLSegModel(nn.Module):
 
     def train(self, mode: bool = True) -> VLSegModel:
         super().train(mode)
-        self._text_cache.clear()  # weights may change while training
+        if mode:
+            self._text_cache.clear()  # weights may change while training (the cache only fills in eval mode)
         for enc, cfg in self._encoder_configs():
             if cfg.frozen:
                 enc.eval()  # frozen encoders keep eval behaviour (dropout off, BN stats fixed)

@@ -90,6 +90,30 @@ def _hf_tokenizer(cfg: EncoderConfig, src: str | None) -> Any:
         raise download_hint(tok_src, e) from e
 
 
+class PositionCache:
+    """Embeds pixels for a CLIP-style ViT, reusing the interpolated position embedding for a given input size at
+    inference (transformers re-interpolates it bicubically on every call when the size differs from training).
+    Gives the same result as ``embeddings(pixel_values, interpolate_pos_encoding=True)``."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: Tensor | None = None
+
+    def __call__(self, emb: nn.Module, pixel_values: Tensor) -> Tensor:
+        if not hasattr(emb, "class_embedding") or torch.is_grad_enabled():
+            return emb(pixel_values, interpolate_pos_encoding=True)
+        h, w = pixel_values.shape[-2:]
+        weight = emb.position_embedding.weight
+        key = (h, w, weight.data_ptr(), weight._version, weight.device, weight.dtype)
+        if key != self.key:
+            n = (h // emb.patch_size) * (w // emb.patch_size)
+            probe = weight.new_empty(1, n + 1, weight.shape[-1])
+            self.value, self.key = emb.interpolate_pos_encoding(probe, h, w), key
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.expand(pixel_values.shape[0], 1, -1)
+        return torch.cat([cls, patches], dim=1) + self.value
+
+
 class HFVisionEncoder(ImageEncoder):
     """The vision tower of a transformers dual encoder (CLIP: CLS prefix; SigLIP: no prefix, MAP head)."""
 
@@ -97,6 +121,7 @@ class HFVisionEncoder(ImageEncoder):
         super().__init__()
         self.backbone = model.vision_model
         self._projection = getattr(model, "visual_projection", None)
+        self._pos = PositionCache()
         vc = model.config.vision_config
         has_cls = hasattr(self.backbone.embeddings, "class_embedding")
         self.info = ImageEncoderInfo(
@@ -111,7 +136,7 @@ class HFVisionEncoder(ImageEncoder):
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
         """(B, 3, H, W) -> ImageFeatures; see ImageEncoder.forward."""
         vm = self.backbone
-        x = vm.embeddings(pixel_values, interpolate_pos_encoding=True)
+        x = self._pos(vm.embeddings, pixel_values)
         pre = getattr(vm, "pre_layrnorm", None)
         if pre is not None:
             x = pre(x)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .._hub import download_hint
+from ..encoders.hf import PositionCache
 from ..encoders.tokenizers import SimpleClipTokenizer
 from ..config import ModelConfig
 from ..decoders.base import DecoderOutput, FusionDecoder
@@ -46,6 +47,7 @@ class CLIPSegVisionEncoder(ImageEncoder):
         super().__init__()
         self.backbone = clip.vision_model
         self._projection = clip.visual_projection
+        self._pos = PositionCache()
         vc = clip.config.vision_config
         self.info = ImageEncoderInfo(
             width=vc.hidden_size, num_layers=vc.num_hidden_layers, patch_size=vc.patch_size, image_size=size,
@@ -56,7 +58,7 @@ class CLIPSegVisionEncoder(ImageEncoder):
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
         """(B, 3, H, W) -> ImageFeatures; see ImageEncoder.forward."""
         vm = self.backbone
-        x = vm.pre_layrnorm(vm.embeddings(pixel_values, interpolate_pos_encoding=True))
+        x = vm.pre_layrnorm(self._pos(vm.embeddings, pixel_values))
         blocks = vm.encoder.layers
         outs = run_blocks(blocks, x, list(layers) + ([len(blocks) - 1] if pooled else []),
                           lambda blk, h: _first(blk(h, None)))
