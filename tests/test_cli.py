@@ -111,3 +111,19 @@ def test_accelerate_two_processes_shard_inputs(ckpt, tmp_path):
     summary = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
     assert summary == {"inputs": 5, "files_written": 10, "out": str(out), "processes": 2}
     assert len(list(out.glob("*__polyp.png"))) == 5
+
+
+def test_segment_dicom_series_folder_to_nifti(ckpt, tmp_path):
+    pytest.importorskip("pydicom")
+    nib = pytest.importorskip("nibabel")
+    from test_clinical import write_dicom
+
+    series = tmp_path / "series"
+    series.mkdir()
+    for i, z in enumerate([0.0, 2.0, 4.0]):
+        write_dicom(series / f"{i}.dcm", np.full((20, 24), 1000 + 30 * i, np.uint16), z=z, instance=i)
+    out = tmp_path / "out"
+    assert main(["segment", str(series), "-p", "liver", "-m", ckpt, "-o", str(out), "--window", "abdomen"]) == 0
+    m = nib.load(str(out / "series__liver.nii.gz"))
+    assert m.shape == (20, 24, 3)
+    assert np.allclose(np.abs(np.diag(m.affine))[:3], [0.7, 0.8, 2.0])

@@ -99,3 +99,20 @@ def test_unfreeze_records_config(tiny, tmp_path):
 def test_forward_allows_empty_prompt_for_p0(tiny):
     out = tiny(torch.randn(1, 3, 64, 64), ["", "polyp"])
     assert out.logits.shape == (1, 2, 64, 64)
+
+
+def test_gradient_checkpointing_same_gradients():
+    enc = {"type": "scratch", "pretrained": False, "frozen": False,
+           "options": {"width": 32, "depth": 3, "heads": 2, "patch_size": 8, "image_size": 64}}
+    torch.manual_seed(0)
+    a = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc)
+    b = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc)
+    b.load_state_dict(a.state_dict())
+    b.set_gradient_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+    for m in (a, b):
+        m.train()
+        m(x, ["polyp"]).logits.square().mean().backward()
+    ga = a.image_encoder.backbone.blocks[0].fc1.weight.grad
+    gb = b.image_encoder.backbone.blocks[0].fc1.weight.grad
+    assert ga is not None and torch.allclose(ga, gb, atol=1e-6)
