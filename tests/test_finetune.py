@@ -148,3 +148,14 @@ def test_evaluate_script_writes_metrics(mf, tmp_path):
                           "--data", str(mf), "--out", str(tmp_path / "ev2")], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and "Unknown model" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bf16_lora_and_accumulation_run(mf, tmp_path):
+    out = tmp_path / "bf16"
+    run(base_args(mf, out, 2, ["mixed_precision=bf16", "train_parts=lora", "lora={r: 2, text: true}",
+                               "grad_accum=2", "cache_features=auto"]))
+    m = vlseg.load(out / "last")
+    assert m.config.lora is not None and m.config.lora.text
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(rows) == 2 and "cache_hits" not in rows[0]  # LoRA on the image encoder: no feature cache

@@ -83,3 +83,14 @@ def test_every_preset_builds_offline_at_real_size(name):
     with torch.inference_mode():
         out = m(torch.randn(1, 3, size, size), ["a polyp", "the grasper"])
     assert out.logits.shape == (1, 2, size, size)
+
+
+def test_public_names():
+    import subprocess
+    import sys
+
+    code = ("import vlseg; assert callable(vlseg.prompts.generate) and callable(vlseg.data.from_manifest) and "
+            "callable(vlseg.data.from_folder) and callable(vlseg.data.from_hf) and callable(vlseg.segment) and "
+            "callable(vlseg.load) and callable(vlseg.create_model) and callable(vlseg.list_models) and "
+            "hasattr(vlseg.VLSegModel, 'save_pretrained') and hasattr(vlseg.VLSegModel, 'push_to_hub')")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

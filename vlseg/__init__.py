@@ -16,6 +16,8 @@ from .inference import Prediction, predict, segment
 from .model import SegOutput, VLSegModel
 from .version import __version__
 
+from . import data, prompts  # noqa: E402  (vlseg.data.from_manifest, vlseg.prompts.generate, ...)
+
 __all__ = [
     "CheckpointError",
     "DecoderConfig",
@@ -27,6 +29,7 @@ __all__ = [
     "VLSegModel",
     "__version__",
     "add_model_config",
+    "data",
     "create_model",
     "get_model_config",
     "list_decoders",
@@ -34,5 +37,6 @@ __all__ = [
     "list_models",
     "load",
     "predict",
+    "prompts",
     "segment",
 ]
