@@ -94,7 +94,7 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
             d = yaml.safe_load(f) or {}
     for ov in overrides:
         if "=" not in ov:
-            raise SystemExit(f"error: override {ov!r} is not key=value")
+            raise ValueError(f"override {ov!r} is not key=value")
         key, value = ov.split("=", 1)
         node = d
         parts = key.split(".")
@@ -106,15 +106,15 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(d) - names)
     if unknown:
-        raise SystemExit(f"error: unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
     for k in _STRING_KEYS & set(d):
         if isinstance(d[k], bool):  # `cache_features: off` in a YAML file
             d[k] = {False: "off" if k == "cache_features" else "no", True: "on"}[d[k]]
     cfg = TrainConfig(**d)
     if cfg.train_parts not in ("decoder", "lora", "full"):
-        raise SystemExit(f"error: train_parts must be decoder, lora or full, got {cfg.train_parts!r}")
+        raise ValueError(f"train_parts must be decoder, lora or full, got {cfg.train_parts!r}")
     if not cfg.data:
-        raise SystemExit("error: no training data: set `data` (a list of sources) in the config")
+        raise ValueError("no training data: set `data` (a list of sources) in the config")
     return cfg
 
 
@@ -133,7 +133,7 @@ def build_source(src: dict[str, Any]):
         return name, from_folder(resolve(s.pop("folder")), resolve(s.pop("masks")), **s)
     if "hf" in s:
         return name, from_hf(s.pop("hf"), **s)
-    raise SystemExit(f"error: data source {src} needs one of manifest / folder / hf")
+    raise ValueError(f"data source {src} needs one of manifest / folder / hf")
 
 
 def build_data(cfg: TrainConfig):
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         if (out / "last").exists() and not cfg.resume and not cfg.overwrite:
-            raise SystemExit(f"error: {out} already holds a run; pass resume={out}/last or overwrite=true")
+            raise ValueError(f"{out} already holds a run; pass resume={out}/last or overwrite=true")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
         if cfg.overwrite and not cfg.resume:
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.cache_features != "off":
         blockers = cache_blockers(model) + ([] if batcher.cache_compatible() else ["augmentation changes pixels"])
         if blockers and cfg.cache_features != "auto":
-            raise SystemExit(f"error: cache_features={cfg.cache_features} but " + "; ".join(blockers))
+            raise ValueError(f"cache_features={cfg.cache_features} but " + "; ".join(blockers))
         if not blockers:
             cache = FeatureCache(model, max_bytes=int(cfg.cache_max_gb * 1024**3),
                                  directory=(out / "feature_cache") if cfg.cache_features == "disk" else None)
@@ -392,5 +392,18 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.end_training()
 
 
+def cli() -> int:
+    """Run ``main``; bad configs, data or models end with one readable line and exit code 2."""
+    from vlseg.data import DataError
+
+    try:
+        main()
+    except (ValueError, KeyError, RuntimeError, FileNotFoundError, FileExistsError, DataError, ImportError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

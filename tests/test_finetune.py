@@ -74,7 +74,7 @@ def test_smoke_writes_loadable_checkpoints(mf, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, str(TRAIN), *base_args(mf, out, 3)], capture_output=True, text=True,
                        env=env, cwd=ROOT)
-    assert r.returncode != 0 and "already holds a run" in r.stderr
+    assert r.returncode == 2 and "already holds a run" in r.stderr
 
 
 def test_unknown_key_is_an_error(mf, tmp_path):
@@ -159,3 +159,9 @@ def test_bf16_lora_and_accumulation_run(mf, tmp_path):
     assert m.config.lora is not None and m.config.lora.text
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert len(rows) == 2 and "cache_hits" not in rows[0]  # LoRA on the image encoder: no feature cache
+
+
+def test_bad_model_is_one_readable_error(mf, tmp_path):
+    r = subprocess.run([sys.executable, str(TRAIN), *base_args(mf, tmp_path / "x", 1), "model=tiny-tset"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and r.stderr.startswith("error: Unknown model 'tiny-tset'") and "Traceback" not in r.stderr
