@@ -157,3 +157,10 @@ def test_position_cache_equals_transformers_embeddings(hf_clip_dir):
         emb.position_embedding.weight.add_(1.0)  # changed weights invalidate the cached value
         x = torch.randn(1, 3, 96, 96)
         torch.testing.assert_close(cache(emb, x), emb(x, interpolate_pos_encoding=True))
+
+
+def test_open_clip_unknown_name_and_missing_tag():
+    with pytest.raises(ValueError, match="Unknown open_clip model 'ViT-Q-99'"):
+        ENCODERS.get("open_clip")(EncoderConfig(type="open_clip", name="ViT-Q-99", pretrained=False))
+    with pytest.raises(ValueError, match="needs a pretrained tag"):
+        ENCODERS.get("open_clip")(EncoderConfig(type="open_clip", name="ViT-B-16", pretrained=True))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -80,4 +79,4 @@ def repeat_k(x: Tensor, k: int) -> Tensor:
     return x if k == 1 else x.repeat_interleave(k, dim=0)
 
 
-__all__ = ["FiLM", "ConvNormAct", "upsample_logits", "resize_to", "tokens_to_map", "masked_mean", "repeat_k", "torch"]
+__all__ = ["FiLM", "ConvNormAct", "upsample_logits", "resize_to", "tokens_to_map", "masked_mean", "repeat_k"]

@@ -76,20 +76,20 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
         model = open_clip.create_model(name, pretrained=tag, load_weights=want and load_weights)
         tokenizer = open_clip.get_tokenizer(name)
     except Exception as e:
-        _raise_load_error(name, cfg.name, e)
-        raise  # unreachable
+        raise _load_error(name, cfg.name, e) from e
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     pp.setdefault("mean", CLIP_MEAN)
     pp.setdefault("std", CLIP_STD)
     return model, tokenizer, pp
 
 
-def _raise_load_error(name: str, shown: str, e: Exception) -> None:
+def _load_error(name: str, shown: str, e: Exception) -> Exception:
+    """The readable error for a failed open_clip load: an unknown name, or weights/config out of reach."""
     import open_clip
 
     if isinstance(e, RuntimeError) and ("Unknown model" in str(e) or "not found" in str(e)):
-        raise ValueError(f"Unknown open_clip model {name!r}. Available: {open_clip.list_models()}") from e
-    raise download_hint(shown, e) from e
+        return ValueError(f"Unknown open_clip model {name!r}. Available: {open_clip.list_models()}")
+    return download_hint(shown, e)
 
 
 def _build_offline(arch: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:

@@ -9,7 +9,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from .._hub import download_hint
@@ -189,4 +188,4 @@ def build_clipseg(config: ModelConfig, load_weights: bool = True) -> VLSegModel:
     return model
 
 
-__all__ = ["build_clipseg", "torch"]
+__all__ = ["build_clipseg"]
