@@ -45,10 +45,7 @@ def checkpoint_choices(folder: str | None) -> list[str]:
 @lru_cache(maxsize=3)
 def get_model(name: str, pretrained: str = "true"):
     """Load once, then reuse (cached per name)."""
-    if os.path.isdir(name) or name.startswith("hf-hub:"):
-        return vlseg.load(name)
-    pre = {"true": True, "false": False}.get(pretrained.lower(), pretrained)
-    return vlseg.create_model(name, pretrained=pre)
+    return vlseg.load_or_create(name, pretrained)
 
 
 def load_model_or_explain(name: str, pretrained: str):

@@ -61,11 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     try:
-        if os.path.isdir(args.model) or args.model.startswith("hf-hub:"):
-            model = vlseg.load(args.model)
-        else:
-            pre = {"true": True, "false": False}.get(args.pretrained.lower(), args.pretrained)
-            model = vlseg.create_model(args.model, pretrained=pre)
+        model = vlseg.load_or_create(args.model, args.pretrained)
         ds = load_data(args.data)
     except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

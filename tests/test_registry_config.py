@@ -94,3 +94,12 @@ def test_public_names():
             "callable(vlseg.load) and callable(vlseg.create_model) and callable(vlseg.list_models) and "
             "hasattr(vlseg.VLSegModel, 'save_pretrained') and hasattr(vlseg.VLSegModel, 'push_to_hub')")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_load_or_create(tmp_path):
+    m = vlseg.load_or_create("tiny-test", "false")  # text form, as the CLI and demo pass it
+    assert m.config.name == "tiny-test"
+    m.save_pretrained(tmp_path / "ck")
+    assert vlseg.load_or_create(str(tmp_path / "ck")).config.name == "tiny-test"
+    with pytest.raises(KeyError, match="tiny-test"):
+        vlseg.load_or_create("tiny-tset", False)

@@ -11,7 +11,7 @@ from .checkpoint import load_model as load
 from .config import DecoderConfig, EncoderConfig, LoraSpec, ModelConfig
 from .decoders import list_decoders
 from .encoders import list_encoders
-from .factory import add_model_config, create_model, get_model_config, list_models
+from .factory import add_model_config, create_model, get_model_config, list_models, load_or_create
 from .inference import Prediction, predict, segment
 from .model import SegOutput, VLSegModel
 from .version import __version__
@@ -36,6 +36,7 @@ __all__ = [
     "list_encoders",
     "list_models",
     "load",
+    "load_or_create",
     "predict",
     "prompts",
     "segment",

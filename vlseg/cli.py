@@ -67,11 +67,7 @@ def outputs_for(kind: str, stem: str, prompts: list[str], out: Path) -> list[Pat
 def load_model(name: str, pretrained: str, device: str | None) -> Any:
     import vlseg
 
-    if os.path.isdir(name) or name.startswith("hf-hub:"):
-        model = vlseg.load(name)
-    else:
-        pre: Any = {"true": True, "false": False}.get(pretrained.lower(), pretrained)
-        model = vlseg.create_model(name, pretrained=pre)
+    model = vlseg.load_or_create(name, pretrained)
     if device:
         model.to(device)
     return model

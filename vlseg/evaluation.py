@@ -22,30 +22,32 @@ def evaluate_dataset(model: Any, dataset: Any, levels: Sequence[str] = ("p1",), 
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     order = np.random.default_rng(seed).permutation(len(dataset))[:n]
     rng = random.Random(seed)
-    samples_prompts: list[str] = []
     rows: list[dict[str, Any]] = []
     abl: list[dict[str, Any]] = []
     items = []
+    level_prompts: list[dict[str, str]] = []  # per sample: level -> prompt (the first level feeds "shuffled")
     for i in order:
         s = dataset[int(i)]
         items.append((int(i), s))
-        samples_prompts.append(generate(s.mask, s.class_name, levels[0]) or s.class_name)
+        level_prompts.append({lv: (generate(s.mask, s.class_name, lv) or s.class_name) for lv in levels})
     iterator = items
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(items, desc="evaluate")
-    all_classes = library_classes()
+    family = {c: lookup(c).family for c in library_classes()}
     for j, (i, s) in enumerate(iterator):
         base = {"dataset": s.dataset, "class_name": s.class_name, "image": s.meta.get("image", str(i)),
                 "negative": bool(s.negative)}
-        prompts = {lv: (generate(s.mask, s.class_name, lv) or s.class_name) for lv in levels}
+        prompts = level_prompts[j]
         if ablations:
             fam = lookup(s.class_name).family
-            others = [c for c in all_classes if lookup(c).family != fam] or ["object"]
-            prompts_abl = {"empty": "", "wrong_class": rng.choice(others),
-                           "shuffled": samples_prompts[(j + 1 + rng.randrange(max(len(items) - 1, 1))) % len(items)]
-                           if len(items) > 1 else "object"}
+            others = [c for c, f in family.items() if f != fam] or ["object"]
+            wrong = rng.choice(others)
+            shuffled = "object"
+            if len(items) > 1:  # another image's prompt
+                shuffled = level_prompts[(j + 1 + rng.randrange(len(items) - 1)) % len(items)][levels[0]]
+            prompts_abl = {"empty": "", "wrong_class": wrong, "shuffled": shuffled}
         else:
             prompts_abl = {}
         texts = list(prompts.values()) + list(prompts_abl.values())

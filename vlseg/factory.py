@@ -69,6 +69,21 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> Any:
     return FAMILIES.get(config.family)(config, load_weights=load_weights)
 
 
+def load_or_create(name: str, pretrained: bool | str = True) -> Any:
+    """A vlseg checkpoint (a folder or ``hf-hub:org/repo``) is loaded with ``load``; anything else is a preset
+    name or JSON file built with ``create_model``. ``pretrained`` may be given as text ("true" / "false" / a
+    folder), as command lines and forms pass it."""
+    import os
+
+    from .checkpoint import load_model
+
+    if os.path.isdir(name) or name.startswith("hf-hub:"):
+        return load_model(name)
+    if isinstance(pretrained, str):
+        pretrained = {"true": True, "false": False}.get(pretrained.strip().lower(), pretrained)
+    return create_model(name, pretrained=pretrained)
+
+
 def create_model(name: str | ModelConfig, pretrained: bool | str = True, **overrides: Any) -> Any:
     """Build a model from a preset name (see ``list_models()``), a JSON file or a ModelConfig.
 

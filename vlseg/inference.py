@@ -42,6 +42,15 @@ def _run(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: in
     return out
 
 
+def _gate(probs: np.ndarray, presence: np.ndarray | None, threshold: float,
+          presence_threshold: float | None) -> np.ndarray:
+    """(K, H, W) probabilities -> bool masks; empty where a presence head says the target is absent."""
+    masks = probs > threshold
+    if presence is not None and presence_threshold is not None:
+        masks &= (presence >= presence_threshold)[:, None, None]
+    return masks
+
+
 @dataclass
 class Prediction:
     """What the model says about one image and K prompts.
@@ -69,10 +78,8 @@ def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if not isinstance(model, VLSegModel):
         raise TypeError(f"predict() needs a VLSegModel, got {type(model).__name__}")
     probs, presence = _run(model, [image], list(prompts), 1, False)[0]
-    masks = probs > threshold
+    masks = _gate(probs, presence, threshold, presence_threshold)
     head = presence is not None
-    if head and presence_threshold is not None:
-        masks &= (presence >= presence_threshold)[:, None, None]
     score = presence if head else probs.reshape(len(prompts), -1).max(1)
     return Prediction(masks=masks, probs=probs, presence=score, has_presence_head=head)
 
@@ -144,13 +151,6 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         return out if _is_batch(image) else out[0]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    results = []
-    for probs, presence in _run(model, items, list(prompts), batch_size, autocast):
-        if return_probs:
-            results.append(probs)
-            continue
-        masks = probs > threshold
-        if presence is not None and presence_threshold is not None:
-            masks &= (presence >= presence_threshold)[:, None, None]
-        results.append(masks)
+    results = [probs if return_probs else _gate(probs, presence, threshold, presence_threshold)
+               for probs, presence in _run(model, items, list(prompts), batch_size, autocast)]
     return results if _is_batch(image) else results[0]

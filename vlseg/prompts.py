@@ -312,11 +312,17 @@ _FLIPS = {"horizontal": (("left", "right"), ("leftmost", "rightmost")),
           "vertical": (("upper", "lower"), ("top", "bottom"), ("topmost", "bottommost"), ("highest", "lowest"))}
 
 
+@lru_cache(maxsize=1)
+def _positional_names() -> tuple[str, ...]:
+    """Library names containing position words ("left ventricle"), longest first, to keep through flips."""
+    return tuple(sorted({s for i in _load()[0].values() for s in (i.name, *i.synonyms)
+                         if re.search(r"\b(left|right|upper|lower)\b", s, re.I)}, key=len, reverse=True))
+
+
 def flip_prompt(text: str, horizontal: bool = False, vertical: bool = False) -> str:
     """Swap position words after an image flip ("upper left" -> "upper right"), leaving anatomical names that
     contain them ("left ventricle", "right lower lobe") unchanged."""
-    protected = sorted({s for i in _load()[0].values() for s in (i.name, *i.synonyms)
-                        if re.search(r"\b(left|right|upper|lower)\b", s, re.I)}, key=len, reverse=True)
+    protected = _positional_names()
     keep: dict[str, str] = {}
 
     def protect(m: re.Match[str]) -> str:
