@@ -12,11 +12,12 @@ from .datasets import (
     from_manifest,
     train_val_split,
 )
+from .groups import ImageGroup, group_by_image, load_group
 from .schema import Sample
 from .transforms import PairedAugment
 from .validate import DataError, check_splits, read_mask
 
 __all__ = [
-    "DataError", "FileDataset", "PairedAugment", "HFDataset", "PooledDataset", "Sample", "SampleDataset", "Subset", "check_splits",
+    "DataError", "FileDataset", "ImageGroup", "group_by_image", "load_group", "PairedAugment", "HFDataset", "PooledDataset", "Sample", "SampleDataset", "Subset", "check_splits",
     "from_folder", "from_hf", "from_manifest", "read_mask", "train_val_split",
 ]

@@ -1,0 +1,68 @@
+"""Images with several annotated classes: a dataset row is one (image, class) pair; ``group_by_image`` gathers the
+rows of each image so every class of it can be asked about (multi-class training targets, language-use checks,
+VQA question generation)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .schema import Sample
+
+
+@dataclass(frozen=True)
+class ImageGroup:
+    """The rows of one image.
+
+    Attributes:
+        key: the image's identity (its file path, or ``dataset#row`` for in-memory datasets).
+        dataset: dataset name.
+        indices: dataset indices of its (image, class) rows, in dataset order.
+        classes: class name of each row (same order as ``indices``).
+    """
+
+    key: str
+    dataset: str
+    indices: tuple[int, ...]
+    classes: tuple[str, ...] = field(default=())
+
+
+def _image_key(record: dict[str, Any], i: int) -> str:
+    for k in ("image", "row"):
+        if record.get(k) not in (None, ""):
+            return f"{record.get('dataset', '')}#{record[k]}"
+    return f"{record.get('dataset', '')}#index{i}"
+
+
+def group_by_image(dataset: Any) -> list[ImageGroup]:
+    """Group a dataset's rows (``dataset.records``) by image, in order of first appearance."""
+    order: dict[str, list[int]] = {}
+    for i, r in enumerate(dataset.records):
+        order.setdefault(_image_key(r, i), []).append(i)
+    out = []
+    for key, idx in order.items():
+        r0 = dataset.records[idx[0]]
+        out.append(ImageGroup(key=key, dataset=str(r0.get("dataset", "")), indices=tuple(idx),
+                              classes=tuple(str(dataset.records[i].get("class_name", "")) for i in idx)))
+    return out
+
+
+def load_group(dataset: Any, group: ImageGroup) -> tuple[np.ndarray, dict[str, np.ndarray], list[Sample]]:
+    """-> (image (H, W, 3) uint8, {class name: (H, W) bool mask}, the samples). Negative rows give empty masks.
+
+    Raises ValueError when the rows of one image disagree on its size (a broken manifest)."""
+    samples: Sequence[Sample] = [dataset[i] for i in group.indices]
+    image = samples[0].image
+    masks: dict[str, np.ndarray] = {}
+    for s in samples:
+        if s.image.shape != image.shape:
+            raise ValueError(f"rows of image {group.key} have different image sizes: {image.shape} vs {s.image.shape}")
+        m = s.mask if s.mask is not None else np.zeros(image.shape[:2], bool)
+        masks[s.class_name] = masks[s.class_name] | m if s.class_name in masks else m
+    return image, masks, list(samples)
+
+
+__all__ = ["ImageGroup", "group_by_image", "load_group"]
