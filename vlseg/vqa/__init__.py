@@ -1,0 +1,29 @@
+"""Visual question answering data for surgical and medical images (``vlseg.vqa``).
+
+Two sources of (image, question, answer) samples, one sample schema (``VQASample``):
+
+* ``from_published(root, format, split)`` reads the published surgical VQA releases exactly as they lie on disk
+  (EndoVis-18-VQA, EndoVis-18-VQLA, Cholec80-VQA, PSI-AVA-VQA, SSG-VQA) and JSONL manifests;
+* ``from_segmentation(dataset)`` generates questions from any vlseg segmentation dataset: the masks of each image
+  become a scene graph (``build_scene_graph``) and templated, answer-balanced, seeded questions (``generate_qa``)
+  about existence, counts, location, relative position, size comparison and size, each with the mask it refers to.
+
+Answers are closed vocabularies kept as data (``AnswerVocab``, ``vocabularies/*.json``) with explicit normalisation
+and an unknown-answer policy. Boxes follow one convention (``vlseg.vqa.boxes``: pixel edges, normalised to [0, 1]).
+
+    import vlseg.vqa as vqa
+    ds = vqa.from_published("EndoVis-18-VQA", "endovis18-vqa", split="val")
+    s = ds[0]; s.question, s.answer, s.answer_index, ds.report.summary()
+
+Data only: the model side (``VQAModel``, ``answer``) is added by another module (``vlseg/vqa/model.py``) later.
+"""
+
+from .boxes import box_iou, denormalize_box, mask_to_box, normalize_box
+from .vocab import AnswerVocab, UnknownAnswerError, list_vocabularies, normalize_answer
+
+# The model part (VQAModel, answer) is added by vlseg/vqa/model.py, owned by another module; import it here then.
+
+__all__ = [
+    "AnswerVocab", "UnknownAnswerError", "box_iou", "denormalize_box", "list_vocabularies", "mask_to_box",
+    "normalize_answer", "normalize_box",
+]
