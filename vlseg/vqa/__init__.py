@@ -19,11 +19,24 @@ Data only: the model side (``VQAModel``, ``answer``) is added by another module 
 """
 
 from .boxes import box_iou, denormalize_box, mask_to_box, normalize_box
+from .engine import (
+    TEMPLATES,
+    TYPES,
+    ClassNode,
+    QARecord,
+    Relation,
+    SceneGraph,
+    SceneObject,
+    build_scene_graph,
+    generate_qa,
+)
 from .vocab import AnswerVocab, UnknownAnswerError, list_vocabularies, normalize_answer
 
 # The model part (VQAModel, answer) is added by vlseg/vqa/model.py, owned by another module; import it here then.
 
 __all__ = [
-    "AnswerVocab", "UnknownAnswerError", "box_iou", "denormalize_box", "list_vocabularies", "mask_to_box",
+    "TEMPLATES", "TYPES",
+    "AnswerVocab", "ClassNode", "QARecord", "Relation", "SceneGraph", "SceneObject", "UnknownAnswerError",
+    "box_iou", "build_scene_graph", "denormalize_box", "generate_qa", "list_vocabularies", "mask_to_box",
     "normalize_answer", "normalize_box",
 ]
