@@ -30,13 +30,26 @@ from .engine import (
     build_scene_graph,
     generate_qa,
 )
+from .loaders import FORMATS, SPLITS, from_published, from_segmentation
+from .schema import (
+    FileVQADataset,
+    LoadReport,
+    SegmentationVQADataset,
+    VQADataError,
+    VQADataset,
+    VQADataWarning,
+    VQASample,
+    VQASubset,
+)
 from .vocab import AnswerVocab, UnknownAnswerError, list_vocabularies, normalize_answer
 
 # The model part (VQAModel, answer) is added by vlseg/vqa/model.py, owned by another module; import it here then.
 
 __all__ = [
-    "TEMPLATES", "TYPES",
-    "AnswerVocab", "ClassNode", "QARecord", "Relation", "SceneGraph", "SceneObject", "UnknownAnswerError",
-    "box_iou", "build_scene_graph", "denormalize_box", "generate_qa", "list_vocabularies", "mask_to_box",
-    "normalize_answer", "normalize_box",
+    "FORMATS", "SPLITS", "TEMPLATES", "TYPES",
+    "AnswerVocab", "ClassNode", "FileVQADataset", "LoadReport", "QARecord", "Relation", "SceneGraph", "SceneObject",
+    "SegmentationVQADataset", "UnknownAnswerError", "VQADataError", "VQADataWarning", "VQADataset", "VQASample",
+    "VQASubset",
+    "box_iou", "build_scene_graph", "denormalize_box", "from_published", "from_segmentation", "generate_qa",
+    "list_vocabularies", "mask_to_box", "normalize_answer", "normalize_box",
 ]
