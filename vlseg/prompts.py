@@ -66,6 +66,8 @@ def _load() -> tuple[dict[str, ClassInfo], dict[str, list[str]], dict[str, Any]]
         if entry.name == "templates.json":
             templates = {k: v for k, v in data.items() if not k.startswith("_")}
             continue
+        if entry.name == RELATIONS_FILE:  # class relations, read by class_relations()
+            continue
         families[data["family"]] = data
         for name, a in data["classes"].items():
             info = ClassInfo(
@@ -386,3 +388,107 @@ __all__ = [
     "INSTANCE_QUERIES", "LEVELS", "ClassInfo", "MaskFacts", "PromptSampler", "class_names", "components",
     "describe", "families", "flip_prompt", "generate", "generate_instance", "instance_mask", "lookup", "templates",
 ]
+
+
+# ----------------------------------------------------------------------------- class relations
+RELATIONS_FILE = "hard_negatives.json"
+
+
+@dataclass(frozen=True)
+class ClassRelations:
+    """How one class relates to the others (``prompts/hard_negatives.json`` plus the prompt families).
+
+    Attributes:
+        name: the library name of the class (synonyms resolve to it).
+        parents: classes whose mask contains this one's (transitively): "surgical instrument" for "grasper".
+        parts: classes whose masks this one's contains (transitively): "grasper", "hook" for "surgical instrument".
+        co_occur: classes that can be visible, unannotated, in an image of this class (its prompt family, the
+            ``co_occur`` groups, and its parents and parts), so they are never assumed absent from such an image.
+        hard_negatives: look-alike classes (``look_alike`` groups) that are neither parents nor parts, in file order.
+            Some of them may co-occur with the class (CT organs); whether one is a valid negative for a given image
+            depends on what that image annotates (``vlseg.data.negatives``).
+    """
+
+    name: str
+    parents: tuple[str, ...] = ()
+    parts: tuple[str, ...] = ()
+    co_occur: tuple[str, ...] = ()
+    hard_negatives: tuple[str, ...] = ()
+
+
+def _canon(name: str) -> str:
+    return lookup(name).name
+
+
+@lru_cache(maxsize=1)
+def _relations() -> tuple[dict[str, list[str]], dict[str, list[str]], list[list[str]], list[list[str]]]:
+    """-> (parts by parent, parents by part, look-alike groups, co-occur groups), keys lower-case library names."""
+    data = json.loads(resources.files("vlseg._prompt_data").joinpath(RELATIONS_FILE).read_text(encoding="utf-8"))
+    known = {n.lower() for n in class_names()}
+
+    def names(where: str, items: list[str]) -> list[str]:
+        out = []
+        for n in items:
+            c = _canon(n)
+            if c.lower() not in known:  # a typo here would silently drop a relation
+                raise ValueError(f"{RELATIONS_FILE} {where}: {n!r} is not a library class; known: {sorted(known)}")
+            out.append(c)
+        return out
+
+    parts: dict[str, list[str]] = {}
+    for parent, entry in data.get("includes", {}).items():
+        parts[_canon(parent).lower()] = names(f"includes[{parent!r}]", entry["parts"] + [parent])[:-1]
+    changed = True
+    while changed:  # transitive closure: a part of a part is a part
+        changed = False
+        for p, ps in parts.items():
+            for q in list(ps):
+                for r in parts.get(q.lower(), []):
+                    if r not in ps:
+                        ps.append(r)
+                        changed = True
+    parents: dict[str, list[str]] = {}
+    for p, ps in parts.items():
+        for q in ps:
+            parents.setdefault(q.lower(), []).append(_canon(p))
+    look = [names(f"look_alike[{g.get('name', i)!r}]", g["classes"]) for i, g in enumerate(data.get("look_alike", []))]
+    co = [names(f"co_occur[{g.get('name', i)!r}]", g["classes"]) for i, g in enumerate(data.get("co_occur", []))]
+    return parts, parents, look, co
+
+
+@lru_cache(maxsize=1024)
+def class_relations(class_name: str) -> ClassRelations:
+    """Parents, parts, co-occurring classes and hard negatives of a class (or synonym); empty for unknown classes.
+
+    Raises:
+        ValueError: ``prompts/hard_negatives.json`` names a class the library does not know.
+    """
+    name = _canon(class_name)
+    key = name.lower()
+    parts_by, parents_by, look, co = _relations()
+    parents = tuple(parents_by.get(key, ()))
+    parts = tuple(parts_by.get(key, ()))
+    kin = {key} | {c.lower() for c in parents + parts}
+    co_occur: dict[str, None] = dict.fromkeys(parents + parts)
+    for fam in _load()[2].values():
+        members = [_canon(c) for c in fam["classes"]]
+        if key in (m.lower() for m in members):
+            co_occur.update(dict.fromkeys(members))
+    for group in co:
+        if key in (m.lower() for m in group):
+            co_occur.update(dict.fromkeys(group))
+    hard: dict[str, None] = {}
+    for group in look:
+        if key in (m.lower() for m in group):
+            hard.update(dict.fromkeys(m for m in group if m.lower() not in kin))
+    return ClassRelations(name=name, parents=parents, parts=parts,
+                          co_occur=tuple(c for c in co_occur if c.lower() != key), hard_negatives=tuple(hard))
+
+
+def hard_negatives(class_name: str) -> list[str]:
+    """Classes that look like ``class_name`` in other images ("polyp" -> "skin lesion", "breast tumor", ...):
+    the preferred wrong-class prompts. Never a parent or part of the class. Empty for unknown classes."""
+    return list(class_relations(class_name).hard_negatives)
+
+
+__all__ += ["ClassRelations", "class_relations", "hard_negatives"]
