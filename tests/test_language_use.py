@@ -1,0 +1,130 @@
+"""Language-use checks (vlseg.language_use) on constructed cases with hand-checked numbers, and on a tiny model."""
+
+import inspect
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from synthetic_data import ignores_prompt, make_dataset, oracle
+
+import vlseg
+from vlseg import language_use as lu
+from vlseg.data.negatives import is_relative, may_co_occur
+
+
+def test_prompt_ignoring_model_is_caught():
+    # two 32x32 images, each with one 12x12 square, side by side on a 64-px canvas: scale 1, so exact numbers
+    ds = make_dataset(2, single_only=True)
+    r = lu.language_use_report(ignores_prompt, ds, n_canvases=4, canvas_size=64, keep_rows=True)
+    comp = r["composite"]
+    assert comp["n"] == 8 and {row["tiles"] for row in r["rows"]["composite"]} == {2}
+    assert comp["leak"] == pytest.approx(0.5)  # half of what it marks is the other image's object
+    assert comp["dice_class"] == pytest.approx(2 / 3) and comp["dice_empty"] == pytest.approx(2 / 3)
+    assert comp["gain"] == pytest.approx(0.0) and comp["pass"] is False
+    assert r["wrong_class"]["empty_rate"] == 0.0 and r["wrong_class"]["pass"] is False
+    assert r["wrong_class"]["hard"]["n"] == 4  # polyp <-> skin lesion are look-alikes
+    assert r["presence"]["auroc"] == pytest.approx(0.5)  # the same score for every prompt
+    assert r["class_vs_empty"]["gain"] == pytest.approx(0.0)  # alone in its image, the object is all there is
+    assert r["levels"]["spread"] == pytest.approx(0.0)
+    assert r["own_other"]["pass"] is None  # no multi-class images: not run
+    assert r["pass"] is False
+    line = lu.summary_line(r)
+    assert line.startswith("language use: ") and "\n" not in line and "FAIL" in line and "n/a" in line
+
+
+def test_oracle_passes_every_check():
+    ds = make_dataset(2)
+    r = lu.language_use_report(oracle, ds, n_canvases=6, canvas_size=96)
+    json.dumps(r, allow_nan=False)
+    assert r["wrong_class"]["empty_rate"] == 1.0 and r["wrong_class"]["true_kept_rate"] == 1.0
+    assert r["presence"]["auroc"] == 1.0 and r["presence"]["auroc_absent"] == 1.0  # the hook-less frame
+    assert r["composite"]["leak"] == 0.0 and r["composite"]["dice_class"] > 0.9
+    assert r["composite"]["gain"] > 0.9  # the empty prompt names nothing
+    per = r["own_other"]["per_dataset"]
+    assert set(per) == {"tools", "em"}  # grasper vs hook; surgical instrument is not "other" to its parts
+    assert all(v["own"] == 1.0 and v["other"] == 0.0 and v["ratio"] >= 100 for v in per.values())
+    assert r["levels"]["spread"] == 0.0 and r["levels"]["per_level"]["p9"] == 1.0
+    assert r["n_checks"] == 5 and r["n_pass"] == 5 and r["pass"] is True
+    assert lu.summary_line(r).endswith("5/5 pass")
+
+
+def test_wrong_classes_are_safe_and_deterministic():
+    ds = make_dataset(2)
+    groups = lu.select_groups(ds, max_images=None, seed=0)
+    assert [g.dataset for g in groups[:4]] == ["em", "polyps", "skins", "tools"]  # round-robin over datasets
+    items = list(lu._items(ds, groups, seed=3, progress=False))
+    again = list(lu._items(ds, groups, seed=3, progress=False))
+    assert [it.wrong for it in items] == [it.wrong for it in again]
+    for it in items:
+        assert it.wrong, it.key
+        for c, kind in it.wrong:
+            assert c not in it.context and not any(may_co_occur(c, k) for k in it.context)
+            assert not any(is_relative(c, p) for p in it.present)
+        if it.dataset == "polyps":
+            assert it.wrong[0] == ("skin lesion", "hard")
+        if it.dataset == "tools":  # endoscopic scenes: no polyp; a laparoscopic frame shows the liver
+            assert "polyp" not in dict(it.wrong)
+
+
+def test_auroc():
+    assert lu.auroc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == 1.0
+    assert lu.auroc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9]) == 0.0
+    assert lu.auroc([1, 1], [0.3, 0.4]) is None
+    rng = np.random.default_rng(0)
+    y, s = rng.random(50) < 0.4, np.round(rng.random(50), 1)  # ties included
+    with_sklearn = lu.auroc(y, s)
+    saved = sys.modules.get("sklearn.metrics")
+    sys.modules["sklearn.metrics"] = None  # type: ignore[assignment]  # forces the ImportError branch
+    try:
+        assert lu.auroc(y, s) == pytest.approx(with_sklearn)
+    finally:
+        if saved is None:
+            sys.modules.pop("sklearn.metrics", None)
+        else:
+            sys.modules["sklearn.metrics"] = saved
+
+
+def test_choose_presence_threshold_by_hand():
+    got = lu.choose_presence_threshold([0.9, 0.8, 0.7, 0.1, 0.2, 0.3], [1, 1, 1, 0, 0, 0])
+    assert got["threshold"] == pytest.approx(0.5) and got["tpr"] == 1.0 and got["tnr"] == 1.0  # mid-way
+    scores, labels = [0.9, 0.8, 0.7, 0.1, 0.2, 0.3, 0.75], [1, 1, 1, 0, 0, 0, 0]
+    # emptying every negative needs t in (0.75, 0.8]: keeps 2/3 of true masks (< 90%) -> balanced accuracy
+    got = lu.choose_presence_threshold(scores, labels)
+    assert got["threshold"] == pytest.approx(0.5) and "balanced" in got["criterion"]
+    got = lu.choose_presence_threshold(scores, labels, min_sensitivity=0.5)
+    assert got["threshold"] == pytest.approx(0.775) and got["tnr"] == 1.0 and got["tpr"] == pytest.approx(2 / 3)
+    # a negative whose pixels are all below the pixel threshold is empty whatever the gate says
+    got = lu.choose_presence_threshold(scores, labels, pixel_nonempty=[1, 1, 1, 1, 1, 1, 0])
+    assert got["threshold"] == pytest.approx(0.5) and got["tnr"] == 1.0 and "TPR" in got["criterion"]
+    with pytest.raises(ValueError, match="both"):
+        lu.choose_presence_threshold([0.1, 0.2], [0, 0])
+
+
+def test_report_and_calibration_on_a_tiny_model():
+    model = vlseg.create_model("tiny-test", pretrained=False)
+    ds = make_dataset(1)
+    r = lu.language_use_report(model, ds, n_canvases=2, canvas_size=64)
+    json.dumps(r, allow_nan=False)
+    assert set(lu.CHECKS) <= set(r) and r["n_images"] == 4 and r["targets"] == lu.TARGETS
+    assert r["presence"]["has_presence_head"] is True and r["composite"]["n_canvases"] == 2
+    assert lu.summary_line(r).startswith("language use: ")
+    cal = lu.presence_calibration(model, ds, max_images=2)
+    assert 0.0 <= cal["threshold"] <= 1.0 and cal["n_positive"] > 0 and cal["n_negative"] > 0
+    assert len(cal["curve"]["threshold"]) == len(cal["curve"]["tpr"]) == len(cal["curve"]["tnr"])
+    assert isinstance(lu.calibrate_presence(model, ds, max_images=2), float)
+
+
+def test_predict_fn_batches_prompts_and_allows_the_empty_prompt():
+    model = vlseg.create_model("tiny-test", pretrained=False)
+    fn = lu.as_predict_fn(model, {"presence_threshold": None})
+    image = np.zeros((20, 30, 3), np.uint8)
+    p = fn(image, ["polyp", "", "skin lesion"])
+    assert p.masks.shape == (3, 20, 30) and p.probs.shape == (3, 20, 30)
+    direct = vlseg.predict(model, image, ["polyp", "skin lesion"], presence_threshold=None)
+    assert np.array_equal(p.masks[[0, 2]], direct.masks) and np.allclose(p.presence[[0, 2]], direct.presence)
+    if "allow_empty_prompts" not in inspect.signature(vlseg.predict).parameters:
+        assert math.isnan(p.presence[1])  # "" went through segment, which gives no presence
+    with pytest.raises(TypeError, match="VLSegModel or a callable"):
+        lu.as_predict_fn(object())

@@ -1,0 +1,523 @@
+"""Language use: does the prompt decide the mask?
+
+A segmentation model trained on single-class datasets can reach a good Dice while ignoring its prompt: it learns
+"the salient thing in this kind of image". Plain Dice cannot see that, so every evaluation report carries these
+checks (``language_use_report``), each with a target (module constants):
+
+- wrong class: a class from another dataset (a look-alike when there is one) must give an empty mask;
+- presence: the presence score must separate true prompts from wrong-class and annotated-absent ones (AUROC);
+- composite canvases: two images side by side (from datasets that cannot show each other's classes); the class
+  prompt must segment its own tile (Dice), beat the empty prompt, and not leak onto the other tile;
+- multi-class images: each class's mask must match its own ground truth, not the other classes' (parents and parts,
+  e.g. "surgical instrument" / "grasper", are not "other");
+- prompt levels p1..p9 (``vlseg.prompts.generate``): richer prompts about the same target must not change Dice much.
+
+``calibrate_presence`` picks the presence-gate threshold on a validation split.
+
+A "model" here is a ``VLSegModel`` (run through ``vlseg.predict`` / ``vlseg.segment``, K prompts per image in one
+call) or any callable ``(image (H, W, 3) uint8, prompts: list[str]) -> vlseg.Prediction`` (baselines, stubs).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .data.composite import CompositeSampler
+from .data.groups import ImageGroup, group_by_image, load_group
+from .data.negatives import hard_subset, is_relative, negative_candidates
+from .metrics import dice
+from .prompts import class_names as library_classes
+from .prompts import generate, hard_negatives
+
+if TYPE_CHECKING:
+    from . import Prediction
+
+# Targets (measured on the main job's validation split).
+WRONG_CLASS_EMPTY_MIN = 0.95  # wrong-class prompt -> empty mask on at least this share of images
+PRESENCE_AUROC_MIN = 0.97  # present vs (wrong-class + annotated-absent) prompts
+CANVAS_GAIN_MIN = 0.10  # composite canvases: class-prompt Dice minus empty-prompt Dice
+CANVAS_LEAK_MAX = 0.05  # composite canvases: share of the predicted area on other tiles
+OWN_OTHER_RATIO_MIN = 2.0  # multi-class images: own-class Dice / other-class Dice, on every multi-class dataset
+LEVEL_SPREAD_MAX = 0.03  # max - min mean Dice over prompt levels p1..p9 (3 Dice points)
+TARGETS = {"wrong_class_empty_min": WRONG_CLASS_EMPTY_MIN, "presence_auroc_min": PRESENCE_AUROC_MIN,
+           "canvas_gain_min": CANVAS_GAIN_MIN, "canvas_leak_max": CANVAS_LEAK_MAX,
+           "own_other_ratio_min": OWN_OTHER_RATIO_MIN, "level_spread_max": LEVEL_SPREAD_MAX}
+LEVELS = tuple(f"p{i}" for i in range(1, 10))
+OTHER_DICE_FLOOR = 1e-3  # own/other ratio = own / max(other, floor): finite (JSON) when other classes get nothing
+
+PredictFn = Callable[[np.ndarray, list[str]], "Prediction"]
+
+
+# ----------------------------------------------------------------------------- running a model
+def as_predict_fn(model: Any, predict_kwargs: Mapping[str, Any] | None = None) -> PredictFn:
+    """A ``(image, prompts) -> Prediction`` function for a VLSegModel or a callable of that shape.
+
+    For a VLSegModel, non-empty prompts go through ``vlseg.predict`` in one call; the empty prompt "" (p0), which
+    ``predict`` may refuse, goes through ``vlseg.segment(..., allow_empty_prompts=True)`` (its presence is NaN).
+    ``predict_kwargs`` (e.g. ``presence_threshold``, ``threshold``) are passed to both; unset ones keep their
+    defaults (the checkpoint's calibrated presence threshold, once stored there).
+
+    Raises:
+        TypeError: ``model`` is neither a VLSegModel nor callable.
+    """
+    from . import Prediction, VLSegModel, predict, segment  # the public API (resolved at call time)
+
+    kw = dict(predict_kwargs or {})
+    if not isinstance(model, VLSegModel):
+        if callable(model) and not kw:
+            return model
+        if callable(model):
+            raise TypeError("predict_kwargs apply to VLSegModels only; bake them into your callable")
+        raise TypeError(f"expected a VLSegModel or a callable (image, prompts) -> Prediction, "
+                        f"got {type(model).__name__}")
+    predict_takes_empty = "allow_empty_prompts" in inspect.signature(predict).parameters
+
+    def run(image: np.ndarray, prompts: list[str]) -> Prediction:
+        if predict_takes_empty:
+            return predict(model, image, prompts, allow_empty_prompts=True, **kw)  # type: ignore[call-arg]
+        full = [i for i, p in enumerate(prompts) if p != ""]
+        empty = [i for i, p in enumerate(prompts) if p == ""]
+        h, w = image.shape[:2]
+        masks = np.zeros((len(prompts), h, w), bool)
+        probs = np.zeros((len(prompts), h, w), np.float32)
+        presence = np.full(len(prompts), np.nan, np.float32)
+        head = False
+        if full:
+            p = predict(model, image, [prompts[i] for i in full], **kw)
+            masks[full], probs[full], presence[full], head = p.masks, p.probs, p.presence, p.has_presence_head
+        if empty:
+            m = segment(model, image, [""], allow_empty_prompts=True, **kw)[0]
+            masks[empty], probs[empty] = m, m.astype(np.float32)
+        return Prediction(masks=masks, probs=probs, presence=presence, has_presence_head=head)
+
+    return run
+
+
+@dataclass
+class _Out:
+    mask: np.ndarray  # (H, W) bool, as the model outputs it (presence-gated)
+    presence: float
+    max_prob: float
+
+
+def _call(fn: PredictFn, image: np.ndarray, prompts: Sequence[str]) -> tuple[dict[str, _Out], bool]:
+    """One model call for the unique prompts -> (prompt -> output, has_presence_head)."""
+    unique = list(dict.fromkeys(prompts))
+    p = fn(image, unique)
+    if p.masks.shape[0] != len(unique):
+        raise ValueError(f"the model returned {p.masks.shape[0]} masks for {len(unique)} prompts")
+    out = {t: _Out(mask=np.asarray(p.masks[k], bool), presence=float(p.presence[k]),
+                   max_prob=float(np.max(p.probs[k])) if p.probs[k].size else 0.0) for k, t in enumerate(unique)}
+    return out, bool(p.has_presence_head)
+
+
+# ----------------------------------------------------------------------------- evaluation images
+@dataclass
+class _Item:
+    key: str
+    dataset: str
+    image: np.ndarray
+    masks: dict[str, np.ndarray]
+    present: list[str]
+    absent: list[str]
+    context: list[str]  # every class the item's dataset annotates
+    wrong: list[tuple[str, str]] = field(default_factory=list)  # (class, "hard" | "random")
+
+
+def _dataset_classes(dataset: Any) -> dict[str, list[str]]:
+    out: dict[str, dict[str, None]] = {}
+    for r in dataset.records:
+        out.setdefault(str(r.get("dataset", "")), {})[str(r.get("class_name", ""))] = None
+    return {d: list(cs) for d, cs in out.items()}
+
+
+def select_groups(dataset: Any, max_images: int | None = None, seed: int = 0) -> list[ImageGroup]:
+    """Up to ``max_images`` image groups, taken round-robin over datasets (each in a seeded order), so small
+    datasets are represented. Deterministic in (dataset, max_images, seed)."""
+    by: dict[str, list[ImageGroup]] = {}
+    for g in group_by_image(dataset):
+        by.setdefault(g.dataset, []).append(g)
+    rng = np.random.default_rng(seed)
+    queues = {d: [gs[i] for i in rng.permutation(len(gs))] for d, gs in sorted(by.items())}
+    out: list[ImageGroup] = []
+    limit = sum(len(q) for q in queues.values()) if max_images is None else max_images
+    while len(out) < limit and any(queues.values()):
+        for d in sorted(queues):
+            if queues[d] and len(out) < limit:
+                out.append(queues[d].pop(0))
+    return out
+
+
+def _wrong_classes(item: _Item, others: list[str], seed: int) -> list[tuple[str, str]]:
+    """One look-alike (when a valid one exists) and one other class, from other datasets' classes (the
+    library's when the evaluation set has one dataset), never a relative or a possibly-present class."""
+    rng = random.Random(f"{seed}:{item.key}")
+    valid = negative_candidates(others, item.present, (), item.context, hard_first=False)
+    hard = hard_subset(valid, item.present)
+    if not hard:  # look-alikes the evaluation set lacks (e.g. "foot ulcer" for a polyp)
+        lib = [h for p in item.present for h in hard_negatives(p)]
+        hard = negative_candidates(lib, item.present, (), item.context, hard_first=False)
+    out = []
+    if hard:
+        out.append((rng.choice(hard), "hard"))
+    rest = [c for c in valid if not any(is_relative(c, h) for h, _ in out)]
+    if rest:
+        out.append((rng.choice(rest), "random"))
+    return out
+
+
+def _items(dataset: Any, groups: Sequence[ImageGroup], seed: int, progress: bool) -> Iterable[_Item]:
+    classes = _dataset_classes(dataset)
+    multi = len(classes) > 1
+    for g in _progress(groups, progress, "language use"):
+        image, masks, samples = load_group(dataset, g)
+        if any(s.mask is None for s in samples):
+            continue  # unlabelled rows: nothing to score
+        present = [c for c, m in masks.items() if m.any()]
+        absent = [c for c, m in masks.items() if not m.any()]
+        item = _Item(key=g.key, dataset=g.dataset, image=image, masks=masks, present=present, absent=absent,
+                     context=classes.get(g.dataset, list(masks)))
+        others = ([c for d, cs in classes.items() if d != g.dataset for c in cs] if multi else library_classes())
+        item.wrong = _wrong_classes(item, others, seed)
+        yield item
+
+
+def _progress(it: Sequence[Any], on: bool, desc: str) -> Iterable[Any]:
+    if not on:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc)
+
+
+def _p1(class_name: str, mask: np.ndarray | None = None, shape: tuple[int, int] = (1, 1)) -> str:
+    return generate(np.zeros(shape, bool) if mask is None else mask, class_name, "p1") or class_name
+
+
+# ----------------------------------------------------------------------------- AUROC and calibration
+def auroc(labels: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score`` when scikit-learn is installed, else the
+    equivalent Mann-Whitney rank formula with ties averaged). None when only one class is present."""
+    y = np.asarray(labels, bool)
+    s = np.asarray(scores, np.float64)
+    if y.shape != s.shape:
+        raise ValueError(f"labels {y.shape} and scores {s.shape} differ in shape")
+    if y.all() or not y.any():
+        return None
+    try:
+        from sklearn.metrics import roc_auc_score
+    except ImportError:
+        from scipy.stats import rankdata
+
+        ranks = rankdata(s)
+        n_pos, n_neg = int(y.sum()), int((~y).sum())
+        return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(y, s))
+
+
+def choose_presence_threshold(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray,
+                              pixel_nonempty: Sequence[bool] | np.ndarray | None = None,
+                              min_specificity: float = WRONG_CLASS_EMPTY_MIN, min_sensitivity: float = 0.9
+                              ) -> dict[str, Any]:
+    """Pick the presence threshold t (masks kept where presence >= t).
+
+    Criterion: the lowest-cost gate that meets the language-use target. Among thresholds that empty at least
+    ``min_specificity`` of the negative prompts (wrong-class and annotated-absent), take the one that keeps the
+    most true prompts (then the most negatives emptied), placed mid-way between the neighbouring scores. Why:
+    the target is stated on negatives (>= 95% empty); any stricter gate only deletes true masks, and each deleted
+    true mask costs a whole image's Dice. If that leaves fewer than ``min_sensitivity`` of the true prompts
+    non-empty, the model cannot separate the two well enough for that target, and the threshold maximising
+    balanced accuracy ((TPR + TNR) / 2) is returned instead (``criterion`` says which).
+
+    Args:
+        scores: (N,) presence probabilities.
+        labels: (N,) True for prompts of present classes.
+        pixel_nonempty: (N,) whether the ungated mask has any pixel above the pixel threshold; prompts without
+            one are empty whatever t is (default: all True).
+    Returns:
+        {"threshold", "criterion", "tpr", "tnr", "curve": {"threshold": [...], "tpr": [...], "tnr": [...]}}
+        where TPR/TNR count the masks left non-empty / emptied at that threshold.
+    Raises:
+        ValueError: mismatched lengths, or no positives or no negatives.
+    """
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels, bool)
+    ne = np.ones_like(y) if pixel_nonempty is None else np.asarray(pixel_nonempty, bool)
+    if not s.shape == y.shape == ne.shape:
+        raise ValueError(f"scores {s.shape}, labels {y.shape} and pixel_nonempty {ne.shape} differ in shape")
+    if y.all() or not y.any():
+        raise ValueError("calibration needs both present and absent/wrong-class prompts")
+    eff = np.where(ne & np.isfinite(s), np.clip(s, 0.0, 1.0), -np.inf)
+    u = np.unique(eff[np.isfinite(eff)])
+    edges = np.concatenate([[0.0], u, [1.0]])  # threshold intervals (edges[k], edges[k+1]]
+    ts = (edges[:-1] + edges[1:]) / 2  # one threshold per interval, mid-way: the widest margin to both sides
+    tpr = np.array([float((eff[y] >= t).mean()) for t in ts])
+    tnr = np.array([float((eff[~y] < t).mean()) for t in ts])
+    feasible = np.flatnonzero(tnr >= min_specificity)
+    k = int(max(feasible, key=lambda i: (tpr[i], tnr[i], -i))) if len(feasible) else -1
+    criterion = f"max TPR with >= {min_specificity:.0%} of negatives empty"
+    if k < 0 or tpr[k] < min_sensitivity:
+        bal = (tpr + tnr) / 2
+        k = int(max(range(len(ts)), key=lambda i: (bal[i], -i)))
+        criterion = (f"max balanced accuracy (emptying {min_specificity:.0%} of negatives would keep under "
+                     f"{min_sensitivity:.0%} of true masks)")
+    return {"threshold": float(ts[k]), "criterion": criterion, "tpr": float(tpr[k]), "tnr": float(tnr[k]),
+            "curve": {"threshold": ts.tolist(), "tpr": tpr.tolist(), "tnr": tnr.tolist()}}
+
+
+# ----------------------------------------------------------------------------- the checks
+def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_prompt: bool
+                ) -> tuple[dict[str, list[dict[str, Any]]], bool]:
+    """One model call per image for every per-image check -> rows per check, has_presence_head."""
+    rows: dict[str, list[dict[str, Any]]] = {"presence": [], "levels": [], "own_other": [], "class_vs_empty": []}
+    head = False
+    for it in items:
+        hw = it.image.shape[:2]
+        p1 = {c: _p1(c, m) for c, m in it.masks.items()}
+        lv = {(c, lvl): (generate(it.masks[c], c, lvl) or c) for c in it.present for lvl in LEVELS} if levels else {}
+        wrong = {c: _p1(c, shape=hw) for c, _ in it.wrong}
+        prompts = [*p1.values(), *lv.values(), *wrong.values()] + ([""] if empty_prompt else [])
+        out, h = _call(fn, it.image, prompts)
+        head = head or h
+        base = {"dataset": it.dataset, "image": it.key}
+        for c in it.masks:
+            o = out[p1[c]]
+            rows["presence"].append({**base, "class": c, "label": c in it.present, "kind": "present" if c in it.present
+                                     else "absent", "score": o.presence, "max_prob": o.max_prob,
+                                     "empty": not o.mask.any()})
+        for c, kind in it.wrong:
+            o = out[wrong[c]]
+            rows["presence"].append({**base, "class": c, "label": False, "kind": f"wrong_{kind}",
+                                     "score": o.presence, "max_prob": o.max_prob, "empty": not o.mask.any()})
+        for (c, lvl), text in lv.items():
+            rows["levels"].append({**base, "class": c, "level": lvl, "dice": dice(out[text].mask, it.masks[c])})
+        for c in it.present:
+            others = [o for o in it.present if not is_relative(o, c)]
+            if others:
+                pred = out[p1[c]].mask
+                rows["own_other"].append({**base, "class": c, "own": dice(pred, it.masks[c]),
+                                          "other": float(np.mean([dice(pred, it.masks[o]) for o in others]))})
+            if empty_prompt:
+                rows["class_vs_empty"].append({**base, "class": c, "dice_class": dice(out[p1[c]].mask, it.masks[c]),
+                                               "dice_empty": dice(out[""].mask, it.masks[c])})
+    return rows, head
+
+
+def _canvas_rows(fn: PredictFn, dataset: Any, groups: Sequence[ImageGroup], seed: int, n_canvases: int,
+                 tiles: tuple[int, int], size: int, progress: bool) -> tuple[list[dict[str, Any]], str | None]:
+    try:
+        sampler = CompositeSampler(dataset, seed=seed, tiles=tiles, size=size, groups=groups)
+    except ValueError as e:
+        return [], str(e)
+    rows = []
+    for i in _progress(range(n_canvases), progress, "language use: canvases"):
+        cv = sampler.canvas(i, place=False)
+        shown = [c for c, t in cv.targets.items() if t.any()]
+        text = {c: _p1(c, cv.targets[c]) for c in shown}
+        out, _ = _call(fn, cv.image, [*text.values(), ""])
+        empty = out[""].mask
+        for c in shown:
+            pred = out[text[c]].mask
+            area = int(pred.sum())
+            rows.append({"canvas": i, "class": c, "datasets": [t.dataset for t in cv.tiles], "tiles": len(cv.tiles),
+                         "dice_class": dice(pred, cv.targets[c]), "dice_empty": dice(empty, cv.targets[c]),
+                         "leak": float((pred & cv.other_tiles_mask(c)).sum() / area) if area else None,
+                         "pred_empty": area == 0})
+    return rows, None
+
+
+def _mean(xs: Iterable[float | None]) -> float | None:
+    v = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else None
+
+
+def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any]], canvas_note: str | None,
+               head: bool) -> dict[str, Any]:
+    pres = rows["presence"]
+    wrong = [r for r in pres if r["kind"].startswith("wrong_")]
+    rate = _mean(float(r["empty"]) for r in wrong)
+    by_ds: dict[str, list[dict[str, Any]]] = {}
+    for r in wrong:
+        by_ds.setdefault(r["dataset"], []).append(r)
+    kept = _mean(float(not r["empty"]) for r in pres if r["label"])  # an always-empty model also empties wrong ones
+    wc = {"empty_rate": rate, "n": len(wrong), "true_kept_rate": kept,
+          "hard": {"empty_rate": _mean(float(r["empty"]) for r in wrong if r["kind"] == "wrong_hard"),
+                   "n": sum(r["kind"] == "wrong_hard" for r in wrong)},
+          "random": {"empty_rate": _mean(float(r["empty"]) for r in wrong if r["kind"] == "wrong_random"),
+                     "n": sum(r["kind"] == "wrong_random" for r in wrong)},
+          "per_dataset": {d: {"empty_rate": _mean(float(r["empty"]) for r in rs), "n": len(rs)}
+                          for d, rs in sorted(by_ds.items())},
+          "target": WRONG_CLASS_EMPTY_MIN, "pass": None if rate is None else rate >= WRONG_CLASS_EMPTY_MIN}
+
+    def au(kinds: tuple[str, ...]) -> float | None:
+        sel = [r for r in pres if r["label"] or r["kind"] in kinds]
+        return auroc([r["label"] for r in sel], [r["score"] for r in sel])
+
+    a = au(("absent", "wrong_hard", "wrong_random"))
+    presence = {"auroc": a, "auroc_wrong_class": au(("wrong_hard", "wrong_random")), "auroc_absent": au(("absent",)),
+                "n_positive": sum(r["label"] for r in pres), "n_negative": sum(not r["label"] for r in pres),
+                "has_presence_head": head, "target": PRESENCE_AUROC_MIN,
+                "pass": None if a is None else a >= PRESENCE_AUROC_MIN}
+
+    dc, de = _mean(r["dice_class"] for r in canvas), _mean(r["dice_empty"] for r in canvas)
+    gain = None if dc is None or de is None else dc - de
+    leak = _mean(r["leak"] for r in canvas)
+    comp: dict[str, Any] = {"n_canvases": len({r["canvas"] for r in canvas}), "n": len(canvas), "dice_class": dc, "dice_empty": de,
+            "gain": gain, "leak": leak, "empty_prediction_rate": _mean(float(r["pred_empty"]) for r in canvas),
+            "target": {"gain_min": CANVAS_GAIN_MIN, "leak_max": CANVAS_LEAK_MAX},
+            "pass": None if gain is None else bool(gain >= CANVAS_GAIN_MIN and (leak or 0.0) <= CANVAS_LEAK_MAX)}
+    if canvas_note:
+        comp["note"] = canvas_note
+
+    per: dict[str, dict[str, Any]] = {}
+    for d in sorted({r["dataset"] for r in rows["own_other"]}):
+        rs = [r for r in rows["own_other"] if r["dataset"] == d]
+        own, other = _mean(r["own"] for r in rs), _mean(r["other"] for r in rs)
+        ratio = own / max(other, OTHER_DICE_FLOOR)  # type: ignore[operator,type-var]
+        per[d] = {"own": own, "other": other, "ratio": ratio, "n": len(rs), "pass": ratio >= OWN_OTHER_RATIO_MIN}
+    own_other = {"per_dataset": per, "target": OWN_OTHER_RATIO_MIN,
+                 "pass": None if not per else all(v["pass"] for v in per.values())}
+
+    per_level = {lv: _mean(r["dice"] for r in rows["levels"] if r["level"] == lv) for lv in LEVELS}
+    vals = [v for v in per_level.values() if v is not None]
+    spread = float(max(vals) - min(vals)) if vals else None
+    levels = {"per_level": per_level, "spread": spread, "n": len(rows["levels"]), "target": LEVEL_SPREAD_MAX,
+              "pass": None if spread is None else spread <= LEVEL_SPREAD_MAX}
+
+    ce = rows["class_vs_empty"]
+    c1, c0 = _mean(r["dice_class"] for r in ce), _mean(r["dice_empty"] for r in ce)
+    class_vs_empty = {"dice_class": c1, "dice_empty": c0, "gain": None if c1 is None or c0 is None else c1 - c0,
+                      "n": len(ce)}
+    return {"wrong_class": wc, "presence": presence, "composite": comp, "own_other": own_other, "levels": levels,
+            "class_vs_empty": class_vs_empty}
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.bool_, bool)):
+        return bool(x)
+    if isinstance(x, (np.integer, int)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    return x
+
+
+CHECKS = ("wrong_class", "presence", "composite", "own_other", "levels")
+
+
+def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int | None = 200,
+                        n_canvases: int | None = None, canvas_tiles: tuple[int, int] = (2, 2),
+                        canvas_size: int = 512, levels: bool = True, progress: bool = False,
+                        predict_kwargs: Mapping[str, Any] | None = None, keep_rows: bool = False) -> dict[str, Any]:
+    """All language-use checks on a dataset, as a JSON-serialisable dict (``metrics.json["language_use"]``).
+
+    Args:
+        model: a VLSegModel, or a callable (image (H, W, 3) uint8, prompts) -> ``vlseg.Prediction``.
+        dataset: a vlseg dataset (``records`` + ``__getitem__``), e.g. the validation split of a pooled set.
+        seed: picks the images, the wrong classes and the canvases (the report is deterministic given it).
+        max_images: images (all the classes of each) to score, round-robin over datasets; None for all.
+        n_canvases: composite canvases to score (default: half the number of images, at most 64).
+        canvas_tiles: (fewest, most) tiles per canvas; (2, 2) is "two images side by side".
+        canvas_size: canvas side in pixels.
+        levels: score prompt levels p1..p9 (9 prompts per present class; turn off to save time).
+        progress: show progress bars.
+        predict_kwargs: passed to ``vlseg.predict`` / ``segment`` (e.g. ``presence_threshold``).
+        keep_rows: also return the per-prompt rows under ``"rows"``.
+    Returns:
+        {"wrong_class", "presence", "composite", "own_other", "levels", "class_vs_empty", "n_images",
+        "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
+        its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images).
+    """
+    fn = as_predict_fn(model, predict_kwargs)
+    groups = select_groups(dataset, max_images, seed)
+    items = list(_items(dataset, groups, seed, False))
+    rows, head = _image_rows(fn, _progress(items, progress, "language use: images"), levels, True)
+    n_canvases = min(64, max(1, len(items) // 2)) if n_canvases is None else n_canvases
+    canvas, note = _canvas_rows(fn, dataset, groups, seed, n_canvases, canvas_tiles, canvas_size, progress)
+    report = _summaries(rows, canvas, note, head)
+    passes = [report[k]["pass"] for k in CHECKS if report[k]["pass"] is not None]
+    per_ds: dict[str, int] = {}
+    for it in items:
+        per_ds[it.dataset] = per_ds.get(it.dataset, 0) + 1
+    report.update(n_images=len(items), images_per_dataset=per_ds, targets=dict(TARGETS), seed=seed,
+                  n_pass=sum(passes), n_checks=len(passes), **{"pass": bool(passes) and all(passes)})
+    if keep_rows:
+        report["rows"] = {**rows, "composite": canvas}
+    return _clean(report)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ok(p: bool | None) -> str:
+    return "n/a" if p is None else ("ok" if p else "FAIL")
+
+
+def summary_line(report: Mapping[str, Any]) -> str:
+    """One line: the headline numbers and pass/fail against the targets, starting with "language use: "."""
+    wc, pr, cp, oo, lv = (report[k] for k in CHECKS)
+    auc = "n/a" if pr["auroc"] is None else f"{pr['auroc']:.3f}"
+    gain = "n/a" if cp["gain"] is None else f"{cp['gain']:+.3f}"
+    ratios = ", ".join(f"{d} {v['ratio']:.1f}x" for d, v in oo["per_dataset"].items()) or "n/a"
+    spread = "n/a" if lv["spread"] is None else f"{100 * lv['spread']:.1f} pts"
+    p1 = lv["per_level"].get("p1")
+    return (f"language use: wrong-class empty {_pct(wc['empty_rate'])} (true kept {_pct(wc.get('true_kept_rate'))})"
+            f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
+            f" | presence AUROC {auc} [>={PRESENCE_AUROC_MIN} {_ok(pr['pass'])}]"
+            f" | canvas gain {gain}, leak {_pct(cp['leak'])} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%}"
+            f" {_ok(cp['pass'])}]"
+            f" | own/other {ratios} [>={OWN_OTHER_RATIO_MIN:g}x {_ok(oo['pass'])}]"
+            f" | p1-p9 spread {spread} (p1 Dice {'n/a' if p1 is None else f'{p1:.3f}'})"
+            f" [<={100 * LEVEL_SPREAD_MAX:g} pts {_ok(lv['pass'])}]"
+            f" | {report['n_pass']}/{report['n_checks']} pass")
+
+
+def presence_calibration(model: Any, dataset: Any, seed: int = 0, max_images: int | None = 200,
+                         min_specificity: float = WRONG_CLASS_EMPTY_MIN, min_sensitivity: float = 0.9,
+                         predict_kwargs: Mapping[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+    """Presence scores of true, annotated-absent and wrong-class prompts on (validation) images, and the
+    threshold ``choose_presence_threshold`` picks from them. Returns its dict plus ``has_presence_head``,
+    ``auroc``, ``n_positive``, ``n_negative``. Only a presence head is gated by the threshold in
+    ``segment``/``predict``; without one the number is reported but has no effect."""
+    kw = dict(predict_kwargs or {})
+    pixel_threshold = float(kw.get("threshold", 0.5))
+    fn = as_predict_fn(model, kw)
+    items = _items(dataset, select_groups(dataset, max_images, seed), seed, progress)
+    rows, head = _image_rows(fn, items, levels=False, empty_prompt=False)
+    pres = rows["presence"]
+    labels = [r["label"] for r in pres]
+    scores = [r["score"] for r in pres]
+    out = choose_presence_threshold(scores, labels, [r["max_prob"] > pixel_threshold for r in pres],
+                                    min_specificity, min_sensitivity)
+    out.update(has_presence_head=head, auroc=auroc(labels, scores), n_positive=int(sum(labels)),
+               n_negative=int(len(labels) - sum(labels)))
+    return _clean(out)
+
+
+def calibrate_presence(model: Any, dataset: Any, seed: int = 0, max_images: int | None = 200,
+                       min_specificity: float = WRONG_CLASS_EMPTY_MIN, min_sensitivity: float = 0.9,
+                       predict_kwargs: Mapping[str, Any] | None = None, progress: bool = False) -> float:
+    """The presence threshold to store in the checkpoint (``presence_calibration(...)["threshold"]``; see
+    ``choose_presence_threshold`` for the criterion). Run it on a validation split, never on test data."""
+    return float(presence_calibration(model, dataset, seed, max_images, min_specificity, min_sensitivity,
+                                      predict_kwargs, progress)["threshold"])
+
+
+__all__ = [
+    "CANVAS_GAIN_MIN", "CANVAS_LEAK_MAX", "CHECKS", "LEVELS", "LEVEL_SPREAD_MAX", "OWN_OTHER_RATIO_MIN",
+    "PRESENCE_AUROC_MIN", "TARGETS", "WRONG_CLASS_EMPTY_MIN", "as_predict_fn", "auroc", "calibrate_presence",
+    "choose_presence_threshold", "language_use_report", "presence_calibration", "select_groups", "summary_line",
+]
