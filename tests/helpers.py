@@ -68,7 +68,7 @@ def tiny_biomedclip_like(tmp: str | os.PathLike) -> dict:
     bert = Path(tmp) / "tiny-bert"
     BertConfig(vocab_size=49408, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                max_position_embeddings=64).save_pretrained(bert)
-    return {"type": "open_clip", "pretrained": False, "options": {"model_cfg": {
+    return {"type": "open_clip", "pretrained": False, "arch": {"model_cfg": {
         "embed_dim": 32,
         "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
                        "timm_proj": "linear", "image_size": 64},

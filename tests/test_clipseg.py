@@ -87,10 +87,10 @@ def test_checkpoint_keeps_upstream_decoder(clipseg_dir, tmp_path):
 
 
 def test_random_architecture_offline():
-    model = vlseg.create_model("clipseg-rd16", pretrained=False, options={"arch": {
+    model = vlseg.create_model("clipseg-rd16", pretrained=False, arch={
         "vision_config": {"patch_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 10,
                           "num_attention_heads": 2, "image_size": 64},
         "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
-        "projection_dim": 16, "reduce_dim": 16}}, image_size=64)
+        "projection_dim": 16, "reduce_dim": 16}, image_size=64)
     masks = vlseg.segment(model, np.zeros((40, 30), np.uint8), ["x"])
     assert masks.shape == (1, 40, 30) and masks.dtype == bool

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vlseg
-from vlseg.encoders.base import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from vlseg.features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
 
 DECODERS = {
     "film": {"layers": [0, 1, 2], "reduce_dim": 16, "heads": 2},

@@ -43,7 +43,7 @@ def test_open_clip_text_trimming_is_exact():
     import open_clip
 
     cfg = EncoderConfig.from_dict(vlseg.get_model_config("tiny-test").to_dict()["text_encoder"])
-    mc = cfg.options["model_cfg"]
+    mc = cfg.arch["model_cfg"]
     torch.manual_seed(0)
     ref = open_clip.CLIP(**mc).eval()
     torch.manual_seed(0)
@@ -61,7 +61,9 @@ def test_open_clip_timm_trunk_and_hf_text(tmp_path):
     """The BiomedCLIP shape through open_clip's real code: timm ViT trunk + HF BERT text (CLS pooler, MLP proj)."""
     cfg = EncoderConfig.from_dict(tiny_biomedclip_like(tmp_path))
     pair = ENCODERS.get("open_clip")(cfg)
-    assert pair.text.kind == "hf"
+    from vlseg.encoders.open_clip_backend import HFTowerTextEncoder
+
+    assert isinstance(pair.text, HFTowerTextEncoder)
     check_contract(pair, 64, layers=(1, 3))
     assert pair.image.info.lora_targets == ("qkv", "attn.proj", "fc1", "fc2")
 
@@ -97,7 +99,7 @@ def test_hf_clip_matches_transformers_hidden_states(hf_clip_dir):
 
 def test_siglip_inline_config(hf_clip_dir):
     cfg = EncoderConfig(type="hf-clip", pretrained=False,
-                        options={"config": tiny_clip_config("siglip"), "tokenizer": hf_clip_dir})
+                        arch={"config": tiny_clip_config("siglip")}, options={"tokenizer": hf_clip_dir})
     pair = ENCODERS.get("hf-clip")(cfg)
     assert pair.image.info.num_prefix_tokens == 0
     check_contract(pair, 64)

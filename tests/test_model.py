@@ -93,7 +93,8 @@ def test_trainable_summary_and_frozen(tiny):
 def test_unfreeze_records_config(tiny, tmp_path):
     tiny.unfreeze("image")
     assert tiny.trainable_summary()["image_encoder"]["trainable"] == tiny.trainable_summary()["image_encoder"]["total"]
-    assert tiny.config.image_encoder.frozen is False
+    assert tiny.config.freeze_image is False
+    assert vlseg.load(tiny.save_pretrained(tmp_path / "ck")).config.freeze_image is False
 
 
 def test_forward_allows_empty_prompt_for_p0(tiny):
@@ -101,18 +102,31 @@ def test_forward_allows_empty_prompt_for_p0(tiny):
     assert out.logits.shape == (1, 2, 64, 64)
 
 
-def test_gradient_checkpointing_same_gradients():
-    enc = {"type": "scratch", "pretrained": False, "frozen": False,
+def test_gradient_checkpointing_same_gradients_and_recomputes():
+    """Same gradients with and without checkpointing, and the block really runs again in backward (the check
+    that tells "on" from "off")."""
+    from vlseg.encoders.base import is_checkpointing
+
+    enc = {"type": "scratch", "pretrained": False,
            "options": {"width": 32, "depth": 3, "heads": 2, "patch_size": 8, "image_size": 64}}
     torch.manual_seed(0)
-    a = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc)
-    b = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc)
+    a = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc, freeze_image=False)
+    b = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc, freeze_image=False)
     b.load_state_dict(a.state_dict())
-    b.set_gradient_checkpointing(True)
+    assert b.set_gradient_checkpointing(True)["image"] is True
+    assert is_checkpointing(b.image_encoder.backbone.blocks[0]) and not is_checkpointing(a.image_encoder.backbone.blocks[0])
     x = torch.randn(2, 3, 64, 64)
-    for m in (a, b):
+    calls = {}
+    for name, m in (("a", a), ("b", b)):
         m.train()
+        n = [0]
+        h = m.image_encoder.backbone.blocks[0].fc1.register_forward_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))
         m(x, ["polyp"]).logits.square().mean().backward()
+        h.remove()
+        calls[name] = n[0]
+    assert calls == {"a": 1, "b": 2}  # recomputed in backward
     ga = a.image_encoder.backbone.blocks[0].fc1.weight.grad
     gb = b.image_encoder.backbone.blocks[0].fc1.weight.grad
     assert ga is not None and torch.allclose(ga, gb, atol=1e-6)
+    b.set_gradient_checkpointing(False)
+    assert not is_checkpointing(b.image_encoder.backbone.blocks[0])

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .encoders.base import ImageFeatures
+from .features import ImageFeatures
 from .lora import has_lora
 from .version import __version__
 
@@ -37,7 +37,8 @@ def fingerprint(model: object) -> str:
     """A short hash of everything that determines the image features."""
     m = model  # type: ignore[assignment]
     cfg = m.config.to_dict()  # type: ignore[attr-defined]
-    ident = {k: cfg.get(k) for k in ("family", "image_encoder", "source", "pretrained", "image_size")}
+    ident = {k: cfg.get(k) for k in ("family", "image_encoder", "source", "revision", "arch", "pretrained",
+                                     "image_size")}
     ident["processor"] = repr(m.processor)  # type: ignore[attr-defined]
     ident["layers"] = list(m.decoder.layers)  # type: ignore[attr-defined]
     ident["version"] = __version__

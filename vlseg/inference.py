@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+import os
 from typing import Any
 
 import numpy as np
@@ -12,6 +12,8 @@ import torch
 
 from .io import read_image
 from .model import VLSegModel, normalize_prompts
+from .data.clinical import volume_slices
+from .volumes import Volume, VolumeMasks, is_volume_source, read_volume
 
 
 def _is_batch(image: Any) -> bool:
@@ -42,6 +44,22 @@ def _run(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: in
     return out
 
 
+PresenceThreshold = float | None | str
+
+
+def presence_cutoff(model: VLSegModel, presence_threshold: PresenceThreshold) -> float | None:
+    """``"model"`` -> the threshold calibrated into the checkpoint (0.5 when it has none); a number is used as
+    given; None disables the presence gate."""
+    if presence_threshold == "model":
+        t = model.config.presence_threshold
+        return 0.5 if t is None else float(t)
+    if presence_threshold is not None and not isinstance(presence_threshold, (int, float)):
+        raise ValueError(f"presence_threshold must be a number in [0, 1], None or 'model', got {presence_threshold!r}")
+    if presence_threshold is not None and not 0.0 <= presence_threshold <= 1.0:
+        raise ValueError(f"presence_threshold must be in [0, 1], got {presence_threshold}")
+    return presence_threshold
+
+
 def _gate(probs: np.ndarray, presence: np.ndarray | None, threshold: float,
           presence_threshold: float | None) -> np.ndarray:
     """(K, H, W) probabilities -> bool masks; empty where a presence head says the target is absent."""
@@ -70,7 +88,7 @@ class Prediction:
 
 
 def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
-            presence_threshold: float | None = 0.5) -> Prediction:
+            presence_threshold: PresenceThreshold = "model") -> Prediction:
     """Masks, probabilities and presence scores for one 2D image (path, PIL or array) and K prompts."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -78,57 +96,36 @@ def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if not isinstance(model, VLSegModel):
         raise TypeError(f"predict() needs a VLSegModel, got {type(model).__name__}")
     probs, presence = _run(model, [image], list(prompts), 1, False)[0]
-    masks = _gate(probs, presence, threshold, presence_threshold)
+    masks = _gate(probs, presence, threshold, presence_cutoff(model, presence_threshold))
     head = presence is not None
     score = presence if head else probs.reshape(len(prompts), -1).max(1)
     return Prediction(masks=masks, probs=probs, presence=score, has_presence_head=head)
 
 
-def _is_volume(x: Any) -> bool:
-    from .data.clinical import is_volume_path
-
-    return isinstance(x, (str, os.PathLike)) and is_volume_path(x)
-
-
-def _segment_volume(model: VLSegModel, path: Any, prompts: Any, axis: int, window: Any, kw: dict) -> np.ndarray:
-    """Segment a NIfTI volume slice by slice -> (K, *volume shape)."""
-    from tqdm.auto import tqdm
-
-    from .data.clinical import read_nifti, volume_slices
-
-    vol = read_nifti(path)
-    slices = volume_slices(vol, axis=axis, win=window)
-    bs = kw["batch_size"]
-    out = []
-    for i in tqdm(range(0, len(slices), bs), desc=f"segment {os.path.basename(str(path))}", leave=False,
-                  disable=len(slices) <= bs):
-        out += segment(model, slices[i:i + bs], prompts, **kw)
-    return np.stack(out, axis=1 + axis)
-
-
 def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
-            return_probs: bool = False, batch_size: int = 8, presence_threshold: float | None = 0.5,
+            return_probs: bool = False, batch_size: int = 8, presence_threshold: PresenceThreshold = "model",
             autocast: bool = False, volume_axis: int = 2, window: Any = None, allow_empty_prompts: bool = False
             ) -> Any:
     """Segment what the prompts describe.
 
     Args:
         model: a VLSegModel (``vlseg.create_model`` / ``vlseg.load``).
-        image: a path (PNG/JPEG/TIFF, ``.dcm``, or a ``.nii``/``.nii.gz`` volume), PIL image or numpy array
-            ((H, W), (H, W, 3); uint8, uint16 or float), or a list of them.
+        image: a path (PNG/JPEG/TIFF, ``.dcm``, a ``.nii``/``.nii.gz`` volume or a DICOM series folder), PIL
+            image or numpy array ((H, W), (H, W, 3); uint8, uint16 or float), or a list of them.
         prompts: one string or K strings, applied to every image.
         threshold: probability above which a pixel is foreground.
         return_probs: return float32 probabilities instead of boolean masks.
         batch_size: images per forward pass.
         presence_threshold: for models with a presence head, masks whose presence probability is below this are
-            emptied ("target absent"); ``None`` disables the gate. Probabilities are never gated.
+            emptied ("target absent"); ``"model"`` uses the threshold calibrated into the checkpoint (0.5 when it
+            has none); ``None`` disables the gate. Probabilities are never gated.
         autocast: run under bfloat16 autocast (faster on CPUs with bf16 and on GPUs; tiny numeric differences).
-        volume_axis, window: for NIfTI volumes, the slicing axis and the intensity window (a preset such as
+        volume_axis, window: for volumes, the slicing axis and the intensity window (a preset such as
             "abdomen", a (center, width) pair, or None for min-max over the volume).
     Returns:
         For one image a (K, H, W) array (bool masks, or float32 probabilities); for a list, a list of those.
-        A NIfTI volume gives (K, X, Y, Z) in the file's voxel order (write it back with
-        ``vlseg.data.clinical.write_nifti(mask[k], vlseg.data.clinical.read_nifti(path), out)``).
+        A volume gives (K, X, Y, Z) in the file's voxel order; ``vlseg.segment_volume`` returns the same masks
+        with the geometry to write them back.
     Raises:
         ValueError: empty prompt list, empty prompt string (unless ``allow_empty_prompts``, for ablations),
             unreadable or non-image input.
@@ -143,14 +140,47 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     items = list(image) if _is_batch(image) else [image]
     if not items:
         raise ValueError("No images given")
-    if any(_is_volume(x) for x in items):
-        kw = dict(threshold=threshold, return_probs=return_probs, batch_size=batch_size,
-                  presence_threshold=presence_threshold, autocast=autocast, allow_empty_prompts=allow_empty_prompts)
-        out = [_segment_volume(model, x, prompts, volume_axis, window, kw) if _is_volume(x)
-               else segment(model, x, prompts, **kw) for x in items]
+    if any(is_volume_source(x) for x in items):
+        kw: dict[str, Any] = dict(threshold=threshold, return_probs=return_probs, batch_size=batch_size,
+                                  presence_threshold=presence_threshold, autocast=autocast,
+                                  allow_empty_prompts=allow_empty_prompts)
+        out = [segment_volume(model, x, list(prompts), axis=volume_axis, window=window, **kw).masks
+               if is_volume_source(x) else segment(model, x, prompts, **kw) for x in items]
         return out if _is_batch(image) else out[0]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    results = [probs if return_probs else _gate(probs, presence, threshold, presence_threshold)
+    cutoff = presence_cutoff(model, presence_threshold)
+    results = [probs if return_probs else _gate(probs, presence, threshold, cutoff)
                for probs, presence in _run(model, items, list(prompts), batch_size, autocast)]
     return results if _is_batch(image) else results[0]
+
+
+def segment_volume(model: Any, source: str | os.PathLike[str] | Volume, prompts: str | list[str], axis: int = 2,
+                   window: str | tuple[float, float] | None = None, batch_size: int = 8, progress: bool = True,
+                   **segment_kwargs: Any) -> VolumeMasks:
+    """Segment a 3D volume slice by slice.
+
+    Args:
+        model: a VLSegModel.
+        source: a ``.nii``/``.nii.gz`` file, a folder of one DICOM series, or a Volume.
+        prompts: one string or K strings.
+        axis: the slicing axis of the stored array (2: axial for most CT).
+        window: intensity window for the slices: a preset (``abdomen``, ``lung``, ...), (center, width), or None
+            for a robust min-max over the whole volume (slices share one grey scale).
+        batch_size: slices per forward pass.
+        progress: show a progress bar for volumes of more than one batch.
+        **segment_kwargs: passed to ``vlseg.segment`` (threshold, presence_threshold, return_probs, ...).
+    Returns:
+        VolumeMasks with masks (K, *volume shape).
+    """
+    from tqdm.auto import tqdm
+
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    vol = read_volume(source)
+    slices = volume_slices(vol, axis=axis, win=window)
+    name = os.path.basename(str(vol.meta.get("source", "volume")))
+    out: list[np.ndarray] = []
+    for i in tqdm(range(0, len(slices), batch_size), desc=f"segment {name}", leave=False,
+                  disable=not progress or len(slices) <= batch_size):
+        out += segment(model, slices[i:i + batch_size], prompts, batch_size=batch_size, **segment_kwargs)
+    return VolumeMasks(masks=np.stack(out, axis=1 + axis), prompts=prompts, volume=vol, axis=axis)

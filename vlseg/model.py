@@ -1,24 +1,31 @@
 """VLSegModel: image encoder + text encoder + fusion decoder, for every family.
 
-Shapes (glossary in encoders/base.py): pixel_values (B, 3, H, W); K prompts per image; logits (B, K, H, W);
+Shapes (glossary in vlseg/features.py): pixel_values (B, 3, H, W); K prompts per image; logits (B, K, H, W);
 presence (B, K). The image encoder runs once per image for all its K prompts, and only up to the deepest layer the
 decoder reads; prompt embeddings are cached (LRU) at inference.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import ModelConfig
+from . import checkpoint
+from .config import LoraSpec, ModelConfig
 from .decoders.base import FusionDecoder
-from .encoders.base import ImageEncoder, ImageFeatures, TextEncoder, TextFeatures
+from .encoders.base import ImageEncoder, TextEncoder
+from .features import ImageFeatures, TextFeatures
 from .processing import ImageProcessor
+
+if TYPE_CHECKING:
+    from .families.base import Family
 
 Prompts = str | Sequence[str] | Sequence[Sequence[str]]
 
@@ -76,19 +83,22 @@ class VLSegModel(nn.Module):
         image_encoder, text_encoder: modules following the encoder contract (encoders/base.py).
         decoder: a FusionDecoder (or a native family's decoder adapter).
         processor: the image processor matching the encoder (size, mean/std, resample).
+        family: the Family that built it (decides what a checkpoint must bundle).
     """
 
     text_cache_size = 1024
 
     def __init__(self, config: ModelConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder,
-                 decoder: FusionDecoder, processor: ImageProcessor):
+                 decoder: FusionDecoder, processor: ImageProcessor, *, family: Family):
         super().__init__()
         self.config = config
+        self.family = family
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.decoder = decoder
         self.processor = processor
         self._text_cache: OrderedDict[str, TextFeatures] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self.stats = {"image_encoder_calls": 0, "text_encoder_calls": 0, "text_cache_hits": 0}
         self.freeze_encoders()
 
@@ -105,8 +115,8 @@ class VLSegModel(nn.Module):
     def freeze_encoders(self) -> None:
         """Freeze the encoder backbones named frozen in the config (requires_grad_(False) + eval); LoRA stays
         trainable. Never ``no_grad`` in forward, so adapters and partial unfreezing get gradients."""
-        for enc, cfg in self._encoder_configs():
-            if cfg.frozen:
+        for enc, frozen in self._towers():
+            if frozen:
                 for name, p in enc.named_parameters():
                     p.requires_grad_("lora_" in name or name.startswith(enc.trainable_prefixes))
                 enc.eval()
@@ -117,30 +127,19 @@ class VLSegModel(nn.Module):
             raise ValueError(f"unfreeze takes 'image' or 'text', got {which!r}")
         enc = self.image_encoder if which == "image" else self.text_encoder
         enc.requires_grad_(True)
-        cfg = self.config.image_encoder if which == "image" else self.config.text_encoder
-        if cfg is not None:
-            cfg.frozen = False
-        else:
-            self.config.options[f"{which}_frozen"] = False
+        setattr(self.config, f"freeze_{which}", False)
         self.train(self.training)
 
-    def _encoder_configs(self) -> list[tuple[nn.Module, Any]]:
-        from types import SimpleNamespace
-
-        out = []
-        for which, enc in (("image", self.image_encoder), ("text", self.text_encoder)):
-            cfg = getattr(self.config, f"{which}_encoder")
-            if cfg is None:  # native families keep the flag in options
-                cfg = SimpleNamespace(frozen=self.config.options.get(f"{which}_frozen", True))
-            out.append((enc, cfg))
-        return out
+    def _towers(self) -> list[tuple[nn.Module, bool]]:
+        """(encoder, frozen) for the image and the text tower."""
+        return [(self.image_encoder, self.config.freeze_image), (self.text_encoder, self.config.freeze_text)]
 
     def train(self, mode: bool = True) -> VLSegModel:
         super().train(mode)
         if mode:
             self._text_cache.clear()  # weights may change while training (the cache only fills in eval mode)
-        for enc, cfg in self._encoder_configs():
-            if cfg.frozen:
+        for enc, frozen in self._towers():
+            if frozen:
                 enc.eval()  # frozen encoders keep eval behaviour (dropout off, BN stats fixed)
         return self
 
@@ -150,7 +149,8 @@ class VLSegModel(nn.Module):
 
     def clear_cache(self) -> None:
         """Drop cached prompt embeddings (call after changing text-encoder weights by hand)."""
-        self._text_cache.clear()
+        with self._cache_lock:
+            self._text_cache.clear()
 
     # ---------------------------------------------------------------- stages
     def encode_image(self, pixel_values: Tensor) -> ImageFeatures:
@@ -168,16 +168,18 @@ class VLSegModel(nn.Module):
             feats = self._run_text_encoder(unique)
         else:
             cache = self._text_cache
-            missing = [p for p in unique if p not in cache]
+            with self._cache_lock:
+                found = {p: cache[p] for p in unique if p in cache}
+            missing = [p for p in unique if p not in found]
             self.stats["text_cache_hits"] += len(unique) - len(missing)
-            found = {p: cache[p] for p in unique if p in cache}
-            if missing:
+            if missing:  # encoded outside the lock: concurrent callers may both encode a new prompt (same result)
                 found.update(zip(missing, self._run_text_encoder(missing).trimmed()))
-            for p in unique:
-                cache[p] = found[p]
-                cache.move_to_end(p)
-            while len(cache) > self.text_cache_size:
-                cache.popitem(last=False)
+            with self._cache_lock:
+                for p in unique:
+                    cache[p] = found[p]
+                    cache.move_to_end(p)
+                while len(cache) > self.text_cache_size:
+                    cache.popitem(last=False)
             feats = TextFeatures.cat([found[p] for p in unique])
         if len(unique) == len(prompts):
             return feats
@@ -230,23 +232,15 @@ class VLSegModel(nn.Module):
                 f"({nh}, {nw}); vlseg.segment does this for you."
             )
 
-    def set_gradient_checkpointing(self, enable: bool = True) -> None:
-        """Trade compute for memory in trainable encoders (HF / open_clip / scratch backbones)."""
-        for enc in (self.image_encoder, self.text_encoder):
-            b = enc.backbone
-            if hasattr(b, "gradient_checkpointing_enable") and enable:
-                b.gradient_checkpointing_enable()
-            elif hasattr(b, "gradient_checkpointing_disable") and not enable:
-                b.gradient_checkpointing_disable()
-            elif hasattr(b, "set_grad_checkpointing"):
-                b.set_grad_checkpointing(enable)
-            if hasattr(enc, "grad_checkpointing"):
-                enc.grad_checkpointing = enable
+    def set_gradient_checkpointing(self, enable: bool = True) -> dict[str, bool]:
+        """Trade compute for memory in the encoders (recompute block activations in backward). Returns which
+        towers apply it; a tower that cannot warns."""
+        return {which: enc.set_gradient_checkpointing(enable)
+                for which, enc in (("image", self.image_encoder), ("text", self.text_encoder))}
 
     # ---------------------------------------------------------------- LoRA
-    def apply_lora(self, spec: Any = None) -> dict[str, int]:
+    def apply_lora(self, spec: LoraSpec | dict[str, Any] | None = None) -> dict[str, int]:
         """Inject LoRA adapters (peft) per ``spec`` (default: ``config.lora``); records the spec in the config."""
-        from .config import LoraSpec
         from .lora import inject_lora
 
         spec = spec if spec is not None else self.config.lora
@@ -275,7 +269,7 @@ class VLSegModel(nn.Module):
         n = merge_lora(self.image_encoder.backbone) + merge_lora(self.text_encoder.backbone)
         if n:
             self.config.lora = None
-            self.config.options["merged_lora"] = True
+            self.config.merged_lora = True
         self.clear_cache()
         return n
 
@@ -296,27 +290,41 @@ class VLSegModel(nn.Module):
         return "\n".join(rows)
 
     # ---------------------------------------------------------------- checkpoints
-    def save_pretrained(self, save_directory: str, include_encoders: bool = False, overwrite: bool = True) -> str:
+    def checkpoint_keys(self, include_encoders: bool = False) -> list[str]:
+        """State-dict keys a checkpoint holds: everything when the encoders are bundled (asked, or frozen parts
+        that cannot be rebuilt from their source), else only trainable state (decoder, LoRA, trainable
+        projections, unfrozen encoders)."""
+        keys = list(self.state_dict())
+        if include_encoders or not self.family.rebuildable(self.config):
+            return keys
+        towers = {"image_encoder": (self.config.freeze_image, self.image_encoder.trainable_prefixes),
+                  "text_encoder": (self.config.freeze_text, self.text_encoder.trainable_prefixes)}
+        out = []
+        for k in keys:
+            top, _, rest = k.partition(".")
+            frozen, prefixes = towers.get(top, (False, ()))
+            if not frozen or "lora_" in rest or rest.startswith(prefixes):
+                out.append(k)
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], include_encoders: bool = False,
+                        overwrite: bool = True) -> str:
         """Write ``config.json`` + ``model.safetensors`` (trainable weights only unless ``include_encoders``).
 
         Encoders built without pretrained weights are always bundled (they cannot be rebuilt from a name).
-        Returns the folder path.
+        Returns the folder path. Load it back with ``vlseg.load``.
         """
-        from .checkpoint import save_model
-
-        return save_model(self, save_directory, include_encoders=include_encoders, overwrite=overwrite)
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> VLSegModel:
-        """Same as ``vlseg.load``."""
-        from .checkpoint import load_model
-
-        return load_model(path, **kwargs)
+        keys = self.checkpoint_keys(include_encoders)
+        full = self.state_dict()
+        return checkpoint.write_checkpoint(save_directory, self.config.to_dict(), {k: full[k] for k in keys},
+                                           bundled=len(keys) == len(full), overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, include_encoders: bool = False, private: bool = False,
                     commit_message: str = "Upload vlseg model", token: str | None = None) -> str:
         """Save to a temporary folder and upload it to the Hugging Face Hub; returns the commit URL."""
-        from .checkpoint import push_to_hub
+        import tempfile
 
-        return push_to_hub(self, repo_id, include_encoders=include_encoders, private=private,
-                           commit_message=commit_message, token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, include_encoders=include_encoders)
+            return checkpoint.upload_folder(tmp, repo_id, self.config, private=private,
+                                            commit_message=commit_message, token=token)

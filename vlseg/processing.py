@@ -19,19 +19,16 @@ _MODES = {0: "NEAREST", 2: "BILINEAR", 3: "BICUBIC"}
 
 @dataclass(frozen=True)
 class ImageProcessor:
-    """Resize to ``size`` x ``size`` (aspect not kept, as CLIPSeg and medvlsm do, unless ``pad``), rescale 1/255,
-    normalise.
+    """Resize to ``size`` x ``size`` (aspect not kept, as CLIPSeg and medvlsm do), rescale 1/255, normalise.
 
     Attributes:
         size: output side.  mean, std: per channel.  resample: PIL code (0 nearest, 2 bilinear, 3 bicubic).
-        pad: first pad the image (bottom/right, black) to a square, keeping its aspect ratio.
     """
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     resample: int = 2
-    pad: bool = False
 
     def __call__(self, images: Sequence[np.ndarray], device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> Tensor:
@@ -42,9 +39,6 @@ class ImageProcessor:
         mode = InterpolationMode[_MODES.get(self.resample, "BILINEAR")]
         out = []
         for arr in images:
-            if self.pad and arr.shape[0] != arr.shape[1]:
-                side = max(arr.shape[:2])
-                arr = np.pad(arr, ((0, side - arr.shape[0]), (0, side - arr.shape[1]), (0, 0)))
             if not arr.flags.writeable:
                 arr = arr.copy()
             t = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W) uint8, no copy
@@ -61,9 +55,6 @@ class ImageProcessor:
         out = []
         for m in masks:
             m = np.asarray(m, dtype=np.uint8)
-            if self.pad and m.shape[0] != m.shape[1]:
-                side = max(m.shape)
-                m = np.pad(m, ((0, side - m.shape[0]), (0, side - m.shape[1])))
             t = torch.from_numpy(np.ascontiguousarray(m))[None, None].float()
             if tuple(t.shape[-2:]) != (self.size, self.size):
                 t = F.interpolate(t, size=(self.size, self.size), mode="nearest-exact")
@@ -71,9 +62,8 @@ class ImageProcessor:
         return torch.stack(out).to(device)
 
     def postprocess(self, maps: Tensor, size: tuple[int, int]) -> Tensor:
-        """(K, h, w) maps (probabilities) -> (K, H, W) at the original image size (bilinear; padding removed)."""
-        h, w = int(size[0]), int(size[1])
-        full = (max(h, w),) * 2 if self.pad else (h, w)
+        """(K, h, w) maps (probabilities) -> (K, H, W) at the original image size (bilinear)."""
+        full = (int(size[0]), int(size[1]))
         if tuple(maps.shape[-2:]) != full:
             maps = F.interpolate(maps.unsqueeze(0).float(), size=full, mode="bilinear", align_corners=False)[0]
-        return maps[..., :h, :w]
+        return maps

@@ -20,15 +20,25 @@ WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
+#: DICOM patient coordinates (LPS) -> NIfTI world coordinates (RAS): flip x and y
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
 @dataclass
 class Volume:
     """A 3D image: ``data`` (X, Y, Z) as stored (NIfTI) or (rows, cols, slices) for DICOM series, the 4x4
-    ``affine`` (voxel -> RAS mm for NIfTI, LPS-derived for DICOM), ``spacing`` per axis, ``meta``."""
+    ``affine`` voxel -> world mm in ``space`` (``"RAS"`` for NIfTI, ``"LPS"`` for DICOM), ``spacing`` per axis,
+    ``meta``."""
 
     data: np.ndarray
     affine: np.ndarray
     spacing: tuple[float, ...]
     meta: dict[str, Any] = field(default_factory=dict)
+    space: str = "RAS"
+
+    def ras_affine(self) -> np.ndarray:
+        """The voxel -> RAS affine NIfTI files (and 3D Slicer) expect."""
+        return LPS_TO_RAS @ self.affine if self.space == "LPS" else np.asarray(self.affine, float)
 
 
 def _need(module: str) -> Any:
@@ -140,7 +150,7 @@ def read_dicom_series(folder: str | Path, win: str | tuple[float, float] | None 
     if win is not None:
         data = to_uint8(data, win)
     return Volume(data=data, affine=affine, spacing=(ps[0], ps[1], dz or 1.0),
-                  meta={"modality": str(getattr(slices[0], "Modality", "")), "source": str(folder)})
+                  meta={"modality": str(getattr(slices[0], "Modality", "")), "source": str(folder)}, space="LPS")
 
 
 def read_nifti(path: str | Path) -> Volume:
@@ -172,13 +182,14 @@ def volume_slices(volume: Volume, axis: int = 2, win: str | tuple[float, float] 
 
 
 def write_nifti(mask: np.ndarray, like: Volume | np.ndarray, path: str | Path, overwrite: bool = False) -> str:
-    """Write a mask volume (same shape as the source volume's data) as uint8 NIfTI with the source's affine (and
-    header, when it came from NIfTI), so it overlays on the image in 3D Slicer. Never overwrites unless asked."""
+    """Write a mask volume (same shape as the source volume's data) as uint8 NIfTI with the source's affine (in
+    RAS, converted from DICOM's LPS for series) and header (when it came from NIfTI), so it overlays on the image
+    in 3D Slicer. Never overwrites unless asked."""
     nib = _need("nibabel")
     p = Path(path)
     if p.exists() and not overwrite:
         raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
-    affine = like.affine if isinstance(like, Volume) else np.asarray(like)
+    affine = like.ras_affine() if isinstance(like, Volume) else np.asarray(like)
     if isinstance(like, Volume) and mask.shape != like.data.shape:
         raise ValueError(f"mask shape {mask.shape} does not match the volume {like.data.shape}")
     header = like.meta.get("header") if isinstance(like, Volume) else None
@@ -190,5 +201,15 @@ def write_nifti(mask: np.ndarray, like: Volume | np.ndarray, path: str | Path, o
 
 
 def is_volume_path(path: Any) -> bool:
+    """A NIfTI file name (.nii / .nii.gz)."""
     s = str(path).lower()
     return s.endswith((".nii", ".nii.gz"))
+
+
+def is_dicom_series(path: Any) -> bool:
+    """A folder whose files (at any depth) are all DICOM (``.dcm``), at least two of them."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    files = [f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")]
+    return len(files) > 1 and all(f.suffix.lower() == ".dcm" for f in files)

@@ -1,4 +1,4 @@
-"""Decoder base class and output. Decoders know only the feature dataclasses (encoders/base.py)."""
+"""Decoder base class and output. Decoders know only the feature dataclasses (vlseg/features.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..encoders.base import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
 
 
 @dataclass

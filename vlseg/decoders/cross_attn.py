@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..encoders.base import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
 from . import DECODERS
 from .base import DecoderOutput, FusionDecoder, check_options
 from .blocks import ConvNormAct, FiLM, masked_mean, repeat_k, resize_to, tokens_to_map

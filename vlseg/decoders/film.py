@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..encoders.base import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
 from . import DECODERS
 from .base import DecoderOutput, FusionDecoder, check_options
 from .blocks import FiLM, repeat_k, resize_to, tokens_to_map, upsample_logits

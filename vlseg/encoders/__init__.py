@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..config import EncoderConfig
 from ..registry import Registry
-from .base import (
-    EncoderPair,
-    ImageEncoder,
-    ImageEncoderInfo,
-    ImageFeatures,
-    TextEncoder,
-    TextEncoderInfo,
-    TextFeatures,
-)
+from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from .base import EncoderPair, ImageEncoder, TextEncoder
 
 ENCODERS: Registry[Callable[..., EncoderPair]] = Registry("encoder type")  # builder(cfg, load_weights=True)
 

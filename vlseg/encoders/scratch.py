@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 from ..config import EncoderConfig
 from . import ENCODERS
-from .base import IMAGENET_MEAN, IMAGENET_STD, EncoderPair, ImageEncoder, ImageEncoderInfo, ImageFeatures, run_blocks
+from ..features import IMAGENET_MEAN, IMAGENET_STD, ImageEncoderInfo, ImageFeatures
+from .base import EncoderPair, ImageEncoder, check_options, run_blocks
 
 
 class ConvStem(nn.Module):
@@ -75,12 +76,14 @@ class ScratchImageEncoder(ImageEncoder):
         self.backbone.pos = nn.Parameter(torch.randn(1, width, g, g) * 0.02)
         self.backbone.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.backbone.norm = nn.LayerNorm(width)
-        self.grad_checkpointing = False
         self.info = ImageEncoderInfo(
             width=width, num_layers=depth, patch_size=patch_size, image_size=image_size, embed_dim=width,
             num_prefix_tokens=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=2,
             lora_targets=("qkv", "proj", "fc1", "fc2"),
         )
+
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.backbone.blocks
 
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
         """(B, 3, H, W) -> ImageFeatures; see ImageEncoder.forward."""
@@ -91,12 +94,7 @@ class ScratchImageEncoder(ImageEncoder):
             b.pos, size=(gh, gw), mode="bicubic", align_corners=False)
         x = (x + pos).flatten(2).transpose(1, 2)  # (B, N, C)
         run_to = list(layers) + ([len(b.blocks) - 1] if pooled else [])
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            outs = run_blocks(b.blocks, x, run_to, lambda blk, h: checkpoint(blk, h, use_reentrant=False))
-        else:
-            outs = run_blocks(b.blocks, x, run_to, lambda blk, h: blk(h))
+        outs = run_blocks(b.blocks, x, run_to, lambda blk, h: blk(h))
         pooled_t = b.norm(outs.pop()).mean(1) if pooled else None
         return ImageFeatures(tokens=outs, grid=(gh, gw), num_prefix_tokens=0, pooled=pooled_t,
                              image_size=tuple(pixel_values.shape[-2:]))
@@ -104,8 +102,5 @@ class ScratchImageEncoder(ImageEncoder):
 
 @ENCODERS.register("scratch")
 def build_scratch(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
-    allowed = {"width", "depth", "heads", "patch_size", "image_size", "mlp_ratio"}
-    unknown = set(cfg.options) - allowed
-    if unknown:
-        raise ValueError(f"Unknown scratch encoder option(s) {sorted(unknown)}; valid: {sorted(allowed)}")
+    check_options(cfg, {"width", "depth", "heads", "patch_size", "image_size", "mlp_ratio"})
     return EncoderPair(image=ScratchImageEncoder(**cfg.options))

@@ -30,6 +30,24 @@ class SimpleClipTokenizer:
         return {"input_ids": ids[:, :n], "attention_mask": mask[:, :n]}
 
 
+def count_tokens(tokenizer: Any, text: str) -> int:
+    """Tokens of ``text`` before any truncation (start/end tokens included), for the tokenizers vlseg uses:
+    transformers tokenizers, open_clip's ``SimpleTokenizer`` / ``HFTokenizer`` and ``SimpleClipTokenizer``."""
+    inner = getattr(tokenizer, "tok", None) or getattr(tokenizer, "tokenizer", None)
+    if inner is not None and inner is not tokenizer:
+        return count_tokens(inner, text)
+    if hasattr(tokenizer, "encode") and not hasattr(tokenizer, "convert_tokens_to_ids"):  # open_clip SimpleTokenizer
+        return len(tokenizer.encode(text)) + 2
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "longer than the maximum" is what we are measuring
+    try:
+        return len(tokenizer(text)["input_ids"])
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
         list(range(ord("\u00ae"), ord("\u00ff") + 1))

@@ -1,15 +1,37 @@
-"""Model families: ``composed`` (registry encoders + a vlseg decoder) and native upstream models (``clipseg``).
-Each family builds a VLSegModel exposing the same stages, so nothing outside its module special-cases it."""
+"""Model families by name. Every module in this package defines one family (a ``Family`` subclass) and registers
+an instance with ``@register_family``; the package imports all its modules, so adding a family is adding a file.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import importlib
+import pkgutil
 
-from ..config import ModelConfig
 from ..registry import Registry
+from .base import Capabilities, Family, rename_prefixes
 
-FAMILIES: Registry[Callable[..., "object"]] = Registry("model family")  # builder(config, load_weights=True)
+FAMILIES: Registry[Family] = Registry("model family")
 
-from . import clipseg, composed  # noqa: E402,F401
 
-__all__ = ["FAMILIES"]
+def register_family(cls: type[Family]) -> type[Family]:
+    """Class decorator: register one instance of a Family subclass under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a 'name'")
+    FAMILIES.register(cls.name)(cls())
+    return cls
+
+
+def get_family(name: str) -> Family:
+    """The registered family ``name`` (KeyError listing the families otherwise)."""
+    return FAMILIES.get(name)
+
+
+def list_families() -> list[str]:
+    return FAMILIES.list()
+
+
+for _mod in pkgutil.iter_modules(__path__):
+    if _mod.name != "base":
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+__all__ = ["FAMILIES", "Capabilities", "Family", "get_family", "list_families", "register_family", "rename_prefixes"]
