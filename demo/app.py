@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import vlseg
-from vlseg.cli import slug
-from vlseg.io import read_image
+from vlseg.naming import unique_slugs
 from vlseg.visualize import colour, overlay_masks
 
 MAX_FILE_MB = 25
@@ -72,7 +71,7 @@ def read_upload(path: str | None) -> np.ndarray:
     if size > MAX_FILE_MB * 1024**2:
         raise gr.Error(f"The file is {size / 1024**2:.1f} MB; the limit is {MAX_FILE_MB} MB.")
     try:
-        image, _ = read_image(path)
+        image, _ = vlseg.read_image(path)
     except ValueError as e:
         raise gr.Error(f"Could not read {Path(path).name}: {e}") from e
     if max(image.shape[:2]) > MAX_SIDE:
@@ -97,10 +96,10 @@ def segment_image(file: str | None, prompts_text: str, threshold: float, model_n
     overlay = overlay_masks(image, pred.masks)
     Image.fromarray(overlay).save(out / "overlay.png")
     with zipfile.ZipFile(out / "masks.zip", "w") as z:
-        for k, (p, m) in enumerate(zip(prompts, pred.masks)):
+        for k, (name, m) in enumerate(zip(unique_slugs(prompts), pred.masks)):
             tmp = out / f"mask_{k}.png"
             Image.fromarray(m.astype(np.uint8) * 255).save(tmp)
-            z.write(tmp, f"{k:02d}_{slug(p)}.png")
+            z.write(tmp, f"{k:02d}_{name}.png")
     kind = "presence" if pred.has_presence_head else "max probability"
     table = [[p, round(float(s), 3), int(m.sum()), kind] for p, s, m in zip(prompts, pred.presence, pred.masks)]
     legend = "".join(

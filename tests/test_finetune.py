@@ -108,9 +108,10 @@ def test_cached_and_uncached_give_same_losses(mf, tmp_path):
 @pytest.mark.slow
 def test_two_process_cpu_run_keeps_identical_weights(mf, tmp_path):
     out = tmp_path / "ddp"
-    run(base_args(mf, out, 3, ["save_rank_fingerprints=true", "cache_features=off"]),
-        launcher=("--multi_gpu", "--num_processes", "2"))
-    h0, h1 = (out / "weights_rank0.sha256").read_text(), (out / "weights_rank1.sha256").read_text()
+    run(base_args(mf, out, 3, ["cache_features=off"]), launcher=("--multi_gpu", "--num_processes", "2"))
+    final = json.loads((out / "final.json").read_text())
+    assert final["processes"] == 2 and len(final["weights_sha256_per_process"]) == 2
+    h0, h1 = final["weights_sha256_per_process"]
     assert h0 == h1
     assert vlseg.load(out / "last") is not None
 

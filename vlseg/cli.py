@@ -1,7 +1,9 @@
-"""The ``vlseg`` command line: ``segment``, ``models``, ``info``, ``evaluate``.
+"""The ``vlseg`` command line: ``segment``, ``models``, ``info``, ``evaluate``. Each command parses its arguments,
+calls the public API and writes or prints the result.
 
     vlseg segment scans/ --prompt "polyp" --model runs/x/best --out masks/
     accelerate launch -m vlseg.cli segment scans/ --prompt "polyp" --model runs/x/best --out masks/   # shards inputs
+    vlseg evaluate --model runs/x/best --data ../shared/data/manifest_all.jsonl --split val --out runs/x/eval
 
 Errors are one readable line on stderr and exit code 2.
 """
@@ -11,169 +13,152 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm")
+import numpy as np
+
+from .io import InputItem
 
 
-def slug(text: str) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "_", text.strip()).strip("_").lower()
-    return s[:60] or "prompt"
+def outputs_for(item: InputItem, names: list[str], out: Path) -> list[Path]:
+    """Output files of one input: one per prompt (PNG, or NIfTI for volumes) and, for images, an overlay."""
+    if item.kind == "image":
+        return [out / f"{item.stem}__{n}.png" for n in names] + [out / f"{item.stem}__overlay.png"]
+    return [out / f"{item.stem}__{n}.nii.gz" for n in names]
 
 
-def collect_inputs(paths: list[str]) -> list[tuple[str, Path, str]]:
-    """-> [(kind, path, output stem)] with kind in image | volume | series."""
-    out: list[tuple[str, Path, str]] = []
-    for raw in paths:
-        p = Path(raw)
-        if not p.exists():
-            raise FileNotFoundError(f"input not found: {p}")
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file())
-            dicoms = [f for f in files if f.suffix.lower() == ".dcm"]
-            if dicoms and len(dicoms) == len([f for f in files if f.suffix.lower() in IMAGE_EXTS]) and len(dicoms) > 1:
-                out.append(("series", p, p.name))
-                continue
-            found = False
-            for f in files:
-                rel = f.relative_to(p)
-                if str(f).lower().endswith((".nii", ".nii.gz")):
-                    out.append(("volume", f, "__".join(rel.parts).replace(".nii.gz", "").replace(".nii", "")))
-                    found = True
-                elif f.suffix.lower() in IMAGE_EXTS:
-                    out.append(("image", f, "__".join(rel.with_suffix("").parts)))
-                    found = True
-            if not found:
-                raise ValueError(f"no images, DICOM or NIfTI files in {p}")
-        elif str(p).lower().endswith((".nii", ".nii.gz")):
-            out.append(("volume", p, p.name.replace(".nii.gz", "").replace(".nii", "")))
-        elif p.suffix.lower() in IMAGE_EXTS:
-            out.append(("image", p, p.stem))
-        else:
-            raise ValueError(f"unsupported input {p} (images: {', '.join(IMAGE_EXTS)}, NIfTI .nii/.nii.gz)")
-    return out
+def _distributed() -> Any:
+    """accelerate's PartialState when launched as several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
-def outputs_for(kind: str, stem: str, prompts: list[str], out: Path) -> list[Path]:
-    if kind == "image":
-        return [out / f"{stem}__{slug(p)}.png" for p in prompts] + [out / f"{stem}__overlay.png"]
-    return [out / f"{stem}__{slug(p)}.nii.gz" for p in prompts]
+def _write_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
 
-
-def load_model(name: str, pretrained: str, device: str | None) -> Any:
-    import vlseg
-
-    model = vlseg.load_or_create(name, pretrained)
-    if device:
-        model.to(device)
-    return model
+    Image.fromarray(array).save(path)
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-    from tqdm.auto import tqdm
-
     import vlseg
-    from vlseg.data import clinical
-    from vlseg.io import read_image
-    from vlseg.visualize import overlay_masks
+    from vlseg.naming import unique_slugs
 
-    prompts = args.prompt
-    inputs = collect_inputs(args.inputs)
+    inputs = vlseg.io.find_inputs(args.inputs)
+    names = unique_slugs(args.prompt, taken={"overlay"})  # "polyp", "Polyp", "polyp!" -> polyp, polyp_2, polyp_3
     out = Path(args.out)
-    # refuse before any work if outputs exist (never overwrite user data without --overwrite)
-    clashes = [p for kind, _, stem in inputs for p in outputs_for(kind, stem, prompts, out) if p.exists()]
-    if clashes and not args.overwrite:
+    clashes = [p for it in inputs for p in outputs_for(it, names, out) if p.exists()]
+    if clashes and not args.overwrite:  # refuse before any work: never overwrite user data unasked
         raise FileExistsError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass --overwrite")
-    stems = [stem for _, _, stem in inputs]
-    if len(set(stems)) != len(stems):
-        raise ValueError("two inputs would write the same output names; give them different names")
-
-    state = None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-    device = args.device or (str(state.device) if state is not None else None)
-    model = load_model(args.model, args.pretrained, device)
+    state = _distributed()
+    model = vlseg.load_or_create(args.model, args.pretrained)
+    if args.device or state is not None:
+        model.to(args.device or state.device)
     mine = inputs
     if state is not None:
         with state.split_between_processes(inputs) as part:
             mine = list(part)
     out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    main = state is None or state.is_main_process
-    for kind, path, stem in tqdm(mine, desc="segment", disable=not main or len(mine) < 2):
-        targets = outputs_for(kind, stem, prompts, out)
-        if kind == "image":
-            arr, _ = read_image(path)
-            masks = vlseg.segment(model, arr, prompts, threshold=args.threshold, batch_size=args.batch_size)
-            for m, t in zip(masks, targets):
-                Image.fromarray(m.astype(np.uint8) * 255).save(t)
-            Image.fromarray(overlay_masks(arr, masks)).save(targets[-1])
-        else:
-            if kind == "volume":
-                vol = clinical.read_nifti(path)
-                masks = vlseg.segment(model, str(path), prompts, threshold=args.threshold,
-                                      batch_size=args.batch_size, volume_axis=args.axis, window=args.window)
-            else:
-                vol = clinical.read_dicom_series(path)
-                vol.affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ vol.affine  # DICOM LPS -> NIfTI RAS
-                slices = clinical.volume_slices(vol, axis=2, win=args.window)
-                masks = np.stack(vlseg.segment(model, slices, prompts, threshold=args.threshold,
-                                               batch_size=args.batch_size), axis=-1)
-            for m, t in zip(masks, targets):
-                clinical.write_nifti(m, vol, t, overwrite=True)
-        written += len(targets)
+    kw = dict(threshold=args.threshold, presence_threshold=args.presence_threshold, batch_size=args.batch_size)
+    written = _segment_images(model, [i for i in mine if i.kind == "image"], args, names, out, kw, state)
+    for item in (i for i in mine if i.kind == "volume"):
+        vm = vlseg.segment_volume(model, item.path, args.prompt, axis=args.axis, window=args.window, **kw)
+        for k, target in enumerate(outputs_for(item, names, out)):
+            vm.save(k, target, overwrite=True)
+            written += 1
     total = written
     if state is not None:
         from accelerate.utils import gather_object
 
         total = sum(gather_object([written]))
-    if main:
+    if state is None or state.is_main_process:
         print(json.dumps({"inputs": len(inputs), "files_written": total, "out": str(out),
                           "processes": 1 if state is None else state.num_processes}))
     return 0
 
 
+def _segment_images(model: Any, items: list[InputItem], args: argparse.Namespace, names: list[str], out: Path,
+                    kw: dict[str, Any], state: Any) -> int:
+    """Images in batches, decoded by background workers while the model runs; -> files written."""
+    from tqdm.auto import tqdm
+
+    import vlseg
+    from vlseg.visualize import overlay_masks
+
+    show = (state is None or state.is_local_main_process) and len(items) > 1
+    written = 0
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> int:
+        masks = vlseg.segment(model, [a for _, a in pending], args.prompt, **kw)
+        n = 0
+        for (i, arr), m in zip(pending, masks):
+            targets = outputs_for(items[i], names, out)
+            for mk, t in zip(m, targets):
+                _write_png(t, mk.astype(np.uint8) * 255)
+            _write_png(targets[-1], overlay_masks(arr, m))
+            n += len(targets)
+        pending.clear()
+        return n
+
+    workers = args.workers if args.workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+    for i, arr in tqdm(vlseg.io.iter_images([it.path for it in items], workers if len(items) > 2 else 0),
+                       total=len(items), desc="segment", disable=not show):
+        pending.append((i, arr))
+        if len(pending) == args.batch_size:
+            written += flush()
+    if pending:
+        written += flush()
+    return written
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     import vlseg
+    from vlseg.families import get_family
 
     for name in vlseg.list_models(args.pattern):
         c = vlseg.get_model_config(name)
-        parts = (f"{c.image_encoder.type}:{c.image_encoder.name}", c.decoder.name) if c.family == "composed" \
-            else (c.source, "upstream")
-        print(f"{name:24s} {c.family:9s} {parts[0]}  decoder={parts[1]}")
+        print(f"{name:24s} {c.family:9s} {get_family(c.family).describe(c)}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vlseg.checkpoint import CONFIG_NAME, CheckpointError, resolve_source
-
-    folder = resolve_source(args.path)
-    cfg = folder / CONFIG_NAME
-    if not cfg.is_file():
-        raise CheckpointError(f"{folder} is not a vlseg checkpoint (no {CONFIG_NAME})")
-    meta = json.loads(cfg.read_text())
-    print(json.dumps(meta, indent=2))
     import vlseg
+    from vlseg.checkpoint import checkpoint_folder, read_meta
 
-    model = vlseg.load(str(folder))
-    print(model.format_trainable_summary())
+    folder = checkpoint_folder(args.path)
+    print(json.dumps(read_meta(folder), indent=2))
+    print(vlseg.load(str(folder)).format_trainable_summary())
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    script = Path(__file__).resolve().parents[1] / "finetune" / "evaluate.py"
-    if not script.is_file():
-        raise FileNotFoundError("vlseg evaluate runs finetune/evaluate.py from a source checkout; it is not installed")
-    return subprocess.call([sys.executable, str(script), *args.rest])
+    import vlseg
+    from vlseg.data import from_spec, train_val_split
+    from vlseg.evaluation import evaluate, report_lines
+
+    model = vlseg.load_or_create(args.model, args.pretrained)
+    _, ds = from_spec(args.data)
+    if args.split != "all":
+        train, val = train_val_split(ds, args.val_fraction, seed=args.seed)
+        ds = val if args.split == "val" else train
+    summary = evaluate(model, ds, args.out, levels=args.levels, max_samples=args.max_samples, seed=args.seed,
+                       ablations=not args.no_ablations, language_use=not args.no_language_use,
+                       overlays=args.overlays)
+    print("\n".join(report_lines(summary)))
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def _presence(text: str) -> float | None | str:
+    if text in ("model", "none"):
+        return None if text == "none" else text
+    return float(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,9 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained", default="true", help="for presets: true, false or an upstream folder")
     s.add_argument("--out", "-o", required=True)
     s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument("--presence-threshold", type=_presence, default="model",
+                   help="'model' (the checkpoint's calibrated threshold), a number, or 'none'")
     s.add_argument("--device", default=None)
     s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--axis", type=int, default=2, help="slicing axis for NIfTI volumes")
+    s.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: cores - 1)")
+    s.add_argument("--axis", type=int, default=2, help="slicing axis for volumes")
     s.add_argument("--window", default=None, help="CT window preset for volumes (abdomen, lung, bone, ...)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_segment)
@@ -198,8 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print a checkpoint's config and trainable summary")
     i.add_argument("path")
     i.set_defaults(func=cmd_info)
-    e = sub.add_parser("evaluate", help="run finetune/evaluate.py (source checkout)")
-    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e = sub.add_parser("evaluate", help="metrics, language use and overlays of a model on a dataset")
+    e.add_argument("--model", required=True, help="vlseg checkpoint folder, hf-hub:org/repo, or preset name")
+    e.add_argument("--pretrained", default="true", help="for a preset: true, false, or a local upstream folder")
+    e.add_argument("--data", required=True, help="manifest (.jsonl/.csv), HF dataset, or IMAGES:MASKS folders")
+    e.add_argument("--out", required=True)
+    e.add_argument("--levels", nargs="+", default=["p1", "p6"], help="prompt levels (the first for ablations)")
+    e.add_argument("--split", choices=["all", "train", "val"], default="all",
+                   help="evaluate on the reproducible group split that finetune/train.py uses")
+    e.add_argument("--val-fraction", type=float, default=0.2)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-samples", type=int, default=None)
+    e.add_argument("--no-ablations", action="store_true")
+    e.add_argument("--no-language-use", action="store_true")
+    e.add_argument("--overlays", type=int, default=4, help="worst and best cases saved as PNG")
     e.set_defaults(func=cmd_evaluate)
     return ap
 

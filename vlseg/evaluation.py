@@ -1,17 +1,22 @@
 """Evaluate a model on a dataset: per-image metrics with fixed prompts, aggregated per dataset and prompt level,
-plus language-use ablations (empty, wrong-class and shuffled prompts scored against the true mask)."""
+language-use ablations (empty, wrong-class and shuffled prompts scored against the true mask), the language-use
+report (``vlseg.language_use``), and ``evaluate`` writing all of it to a folder (what ``vlseg evaluate`` and
+``finetune/evaluate.py`` run)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import metrics as M
 from .inference import segment
-from .prompts import generate, lookup, class_names as library_classes
+from .naming import slug
+from .prompts import class_names as library_classes
+from .prompts import generate, lookup
 
 
 def evaluate_dataset(model: Any, dataset: Any, levels: Sequence[str] = ("p1",), max_samples: int | None = None,
@@ -69,3 +74,66 @@ def evaluate_dataset(model: Any, dataset: Any, levels: Sequence[str] = ("p1",), 
         for name in ("empty", "wrong_class", "shuffled"):
             summary["ablations"][name] = M.aggregate([r for r in abl if r["ablation"] == name])["all"]
     return summary, rows
+
+
+PER_IMAGE_COLUMNS = ["image", "dataset", "class_name", "level", "prompt", "negative", "dice", "iou", "hd95", "nsd"]
+
+
+def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = ("p1", "p6"),
+             max_samples: int | None = None, seed: int = 0, ablations: bool = True, language_use: bool = True,
+             language_use_images: int | None = 200, overlays: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Evaluate and write ``out/metrics.json`` (overall, per dataset, per prompt level, ablations and
+    ``language_use``), ``out/per_image.csv`` and overlay PNGs of the worst and best cases (``out/overlays/``).
+
+    Args:
+        model: a VLSegModel.  dataset: a vlseg dataset (e.g. ``vlseg.data.from_spec(...)[1]``).
+        levels: prompt levels scored (the first one for the ablations and overlays).
+        language_use: add the language-use report (wrong-class -> empty, presence AUROC, composite canvases,
+            own vs other class, level spread); ``language_use_images`` caps its images.
+    Returns:
+        The summary written to metrics.json.
+    """
+    import csv
+    import json
+
+    from PIL import Image
+
+    from .data import PooledDataset
+    from .visualize import error_overlay
+
+    out = Path(out)
+    ds = dataset if isinstance(dataset, PooledDataset) else PooledDataset({"data": dataset})
+    summary, rows = evaluate_dataset(model, ds, levels, max_samples, seed, ablations=ablations,
+                                     keep_predictions=True, progress=progress)
+    summary["levels"] = list(levels)
+    if language_use:
+        from .language_use import language_use_report, summary_line
+
+        report = language_use_report(model, ds, seed=seed, max_images=language_use_images, progress=progress)
+        report["summary_line"] = summary_line(report)
+        summary["language_use"] = report
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    with open(out / "per_image.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=PER_IMAGE_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    ranked = sorted((r for r in rows if r["level"] == levels[0]), key=lambda r: r["dice"])
+    (out / "overlays").mkdir(exist_ok=True)
+    for tag, group in (("worst", ranked[:overlays]), ("best", ranked[::-1][:overlays])):
+        for n, r in enumerate(group):
+            s = r["_sample"]
+            name = f"{tag}_{n}_{slug(r['dataset'])}_dice{r['dice']:.2f}.png"
+            Image.fromarray(error_overlay(s.image, s.mask, r["_pred"])).save(out / "overlays" / name)
+    return summary
+
+
+def report_lines(summary: dict[str, Any]) -> list[str]:
+    """A short human summary of ``evaluate``'s result (the language-use line last)."""
+    a = summary["all"]
+    lines = [f"{a['n']} rows: dice {a['dice']:.4f} iou {a['iou']:.4f} hd95 {a['hd95']:.2f} nsd {a['nsd']:.4f}"]
+    if "ablations" in summary:
+        lines.append(" ".join(f"{k}: {v['dice']:.4f}" for k, v in summary["ablations"].items()))
+    if "language_use" in summary:
+        lines.append(summary["language_use"]["summary_line"])
+    return lines

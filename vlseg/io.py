@@ -103,3 +103,89 @@ def _pil_to_array(im: Any) -> np.ndarray:
     if im.mode not in ("RGB", "L"):
         im = im.convert("RGB")
     return np.asarray(im)
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm")
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input found by ``find_inputs``: ``kind`` is ``image`` or ``volume`` (NIfTI file or DICOM series
+    folder); ``stem`` is a file-name-safe name for its outputs, unique within the search."""
+
+    kind: str
+    path: Path
+    stem: str
+
+
+def _safe_stem(parts: tuple[str, ...]) -> str:
+    import re
+
+    s = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "_", p) for p in parts)
+    return s.lstrip(".") or "input"
+
+
+def _strip_ext(name: str) -> str:
+    low = name.lower()
+    for ext in (".nii.gz", ".nii") + IMAGE_EXTS:
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def find_inputs(paths: list[str | os.PathLike[str]]) -> list[InputItem]:
+    """Images, NIfTI volumes and DICOM series under ``paths`` (files or folders, searched recursively), in a stable
+    order. Raises FileNotFoundError for a missing path and ValueError for a folder with nothing to segment or two
+    inputs that would write the same output names."""
+    from .data.clinical import is_dicom_series, is_volume_path
+
+    out: list[InputItem] = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.exists():
+            raise FileNotFoundError(f"input not found: {p}")
+        if p.is_dir():
+            if is_dicom_series(p):
+                out.append(InputItem("volume", p, _safe_stem((p.name,))))
+                continue
+            found = [f for f in sorted(p.rglob("*")) if f.is_file() and (is_volume_path(f) or
+                                                                          f.suffix.lower() in IMAGE_EXTS)]
+            if not found:
+                raise ValueError(f"no images, DICOM or NIfTI files in {p}")
+            for f in found:
+                rel = f.relative_to(p)
+                kind = "volume" if is_volume_path(f) else "image"
+                out.append(InputItem(kind, f, _safe_stem(rel.parts[:-1] + (_strip_ext(rel.name),))))
+        elif is_volume_path(p):
+            out.append(InputItem("volume", p, _safe_stem((_strip_ext(p.name),))))
+        elif p.suffix.lower() in IMAGE_EXTS:
+            out.append(InputItem("image", p, _safe_stem((_strip_ext(p.name),))))
+        else:
+            raise ValueError(f"unsupported input {p} (images: {', '.join(IMAGE_EXTS)}, NIfTI .nii/.nii.gz, "
+                             "DICOM series folders)")
+    stems = [i.stem for i in out]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise ValueError(f"two inputs would write the same output names ({dup[0]!r}); give them different names")
+    return out
+
+
+def iter_images(paths: list[str | os.PathLike[str]], workers: int = 0) -> Any:
+    """Yield ``(index, (H, W, 3) uint8)`` for image files, decoded by ``workers`` background processes (a torch
+    DataLoader) so reading overlaps with the model's compute; in order."""
+    if workers <= 0:
+        for i, p in enumerate(paths):
+            yield i, read_image(p)[0]
+        return
+    from torch.utils.data import DataLoader, Dataset
+
+    class _Files(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(paths)
+
+        def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
+            return i, read_image(paths[i])[0]
+
+    loader = DataLoader(_Files(), batch_size=None, num_workers=workers, collate_fn=lambda x: x,
+                        prefetch_factor=4)
+    yield from loader

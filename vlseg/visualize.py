@@ -29,3 +29,13 @@ def overlay_masks(image: np.ndarray, masks: Sequence[np.ndarray] | np.ndarray, a
             edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
             out[edge] = c
     return out.clip(0, 255).astype(np.uint8)
+
+
+def error_overlay(image: np.ndarray, target: np.ndarray, pred: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """(H, W, 3) uint8 image with a prediction scored against the truth: green = true positive, red = false
+    positive, blue = missed (false negative)."""
+    out = image.astype(np.float32).copy()
+    target, pred = np.asarray(target, bool), np.asarray(pred, bool)
+    for m, c in ((pred & target, (0, 255, 0)), (pred & ~target, (255, 0, 0)), (~pred & target, (0, 90, 255))):
+        out[m] = (1 - alpha) * out[m] + alpha * np.array(c, np.float32)
+    return out.clip(0, 255).astype(np.uint8)

@@ -1,6 +1,7 @@
 """Data: one sample schema (``Sample``), loaders returning indexable datasets, clinical formats, paired
-transforms and validation. Data knows nothing of models."""
+transforms, composite canvases and validation. Data knows nothing of models."""
 
+from .composite import Canvas, CompositeSampler, make_canvas
 from .datasets import (
     FileDataset,
     HFDataset,
@@ -12,14 +13,14 @@ from .datasets import (
     from_manifest,
     train_val_split,
 )
-from .composite import Canvas, CompositeSampler, make_canvas
 from .groups import ImageGroup, group_by_image, load_group
 from .schema import Sample
+from .specs import from_spec, split_sources
 from .transforms import PairedAugment
 from .validate import DataError, check_splits, read_mask
 
 __all__ = [
-    "Canvas", "CompositeSampler", "make_canvas",
-    "DataError", "FileDataset", "ImageGroup", "group_by_image", "load_group", "PairedAugment", "HFDataset", "PooledDataset", "Sample", "SampleDataset", "Subset", "check_splits",
-    "from_folder", "from_hf", "from_manifest", "read_mask", "train_val_split",
+    "Canvas", "CompositeSampler", "DataError", "FileDataset", "HFDataset", "ImageGroup", "PairedAugment",
+    "PooledDataset", "Sample", "SampleDataset", "Subset", "check_splits", "from_folder", "from_hf", "from_manifest",
+    "from_spec", "group_by_image", "load_group", "make_canvas", "read_mask", "split_sources", "train_val_split",
 ]

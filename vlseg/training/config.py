@@ -1,0 +1,157 @@
+"""``TrainConfig``: every option of a fine-tuning run, one typed dataclass. Read from YAML plus ``key=value``
+overrides (values parsed as YAML, nested keys with dots), validated with pydantic: wrong types and unknown keys are
+errors that name the key. The resolved config is saved with the run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``finetune/train.py``.
+
+    Model: ``model`` (preset, JSON file or checkpoint folder to start from), ``pretrained`` (see
+    ``vlseg.create_model``), ``model_overrides`` (ModelConfig fields, e.g. ``{image_size: 160}``), ``train_parts``
+    (``decoder``: frozen encoders; ``lora``: adapters per ``lora``; ``full``: everything), ``gradient_checkpointing``.
+    Task: ``task`` (``segmentation``, ``vqa``, ...; default: the model family's task) and ``task_options`` (validated
+    by the task).
+    Data: ``data`` (sources: ``{manifest: path}``, ``{folder: images, masks: masks}``, ``{hf: name}`` with
+    ``weight``, ``name`` and the loader's arguments), split into train/val by group with ``val_fraction``.
+    Prompts: ``prompt_levels`` drawn in training, ``eval_levels`` scored, ``negative_rate`` (wrong-class prompts
+    with empty targets).
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    # model
+    model: str = "minilm-scratch-film"
+    pretrained: bool | str = True
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    train_parts: Literal["decoder", "lora", "full"] = "decoder"
+    lora: dict[str, Any] | None = None
+    gradient_checkpointing: bool = False
+    # task
+    task: str | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    # data and prompts
+    data: list[dict[str, Any]] = field(default_factory=list)
+    val_fraction: float = 0.2
+    prompt_levels: list[str] = field(default_factory=lambda: [f"p{i}" for i in range(1, 10)])
+    eval_levels: list[str] = field(default_factory=lambda: ["p1", "p6"])
+    negative_rate: float = 0.1
+    augment: dict[str, Any] | None = field(default_factory=lambda: {"hflip": 0.5})
+    # optimisation
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    max_steps: int = 300
+    stop_after: int | None = None  # stop early at this step (the schedule still follows max_steps)
+    grad_clip: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    loss: dict[str, float] = field(default_factory=lambda: {"dice_weight": 1.0, "bce_weight": 1.0,
+                                                             "focal_weight": 0.0, "presence_weight": 0.2})
+    # frozen-feature cache: auto (when the image encoder is frozen and inputs repeat) | off | memory | disk
+    cache_features: Literal["auto", "off", "memory", "disk"] = "auto"
+    # evaluation and checkpoints
+    eval_every: int = 100
+    eval_max_samples: int | None = 200
+    best_metric: str = "dice"
+    output_dir: str = "runs/train"
+    overwrite: bool = False
+    resume: str | None = None
+    log_tensorboard: bool = False
+    threads: int | None = None  # CPU threads per process (default: what the launcher gives, see below)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0 <= self.negative_rate <= 1:
+            raise ValueError(f"negative_rate must be in [0, 1], got {self.negative_rate}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _yaml_loader() -> Any:
+    """A YAML loader with YAML 1.2 booleans: only true/false are booleans, so ``cache_features: off`` stays a
+    string (YAML 1.1 would read off/no/yes/on as booleans)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return Loader
+
+
+def parse_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` overrides (value parsed as YAML; ``a.b=1`` sets a nested key) to ``d`` in place."""
+    import yaml
+
+    loader = _yaml_loader()
+    for ov in overrides:
+        if "=" not in ov:
+            raise ValueError(f"override {ov!r} is not key=value")
+        key, value = ov.split("=", 1)
+        node = d
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {ov!r}: {p!r} is not a mapping")
+        node[parts[-1]] = yaml.load(value, Loader=loader)
+    return d
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
+    """A TrainConfig from a YAML file (optional) plus ``key=value`` overrides.
+
+    Raises:
+        ValueError: unreadable YAML, unknown keys, wrong types or values, no training data.
+    """
+    import yaml
+
+    d: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = yaml.load(f, Loader=_yaml_loader()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"Could not read config {path}: {e}") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} must hold a mapping of config keys, got {type(d).__name__}")
+    parse_overrides(d, list(overrides))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {unknown}; valid keys: {sorted(names)}")
+    try:
+        cfg = TypeAdapter(TrainConfig).validate_python(d)
+    except ValidationError as e:
+        errs = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']} (got {err.get('input')!r})" if err["loc"]
+            else str(err["msg"]).removeprefix("Value error, ") for err in e.errors())
+        raise ValueError(f"invalid config{f' {path}' if path else ''}: {errs}") from None
+    if not cfg.data:
+        raise ValueError("no training data: set `data` (a list of sources) in the config")
+    return cfg
+
+
+__all__ = ["TrainConfig", "load_config", "parse_overrides"]
