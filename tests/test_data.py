@@ -171,16 +171,17 @@ def test_paired_augment_keeps_alignment_and_prompt_truth():
     assert (bright & a.mask).sum() >= 0.9 * a.mask.sum()
 
 
-def test_processor_pad_round_trip():
+def test_processor_round_trip():
+    """Resize to the square input and back to the image's size keeps where things are (the speculative
+    pad-to-square option was removed in 0.2)."""
     from vlseg.processing import ImageProcessor
-    import torch
 
-    proc = ImageProcessor(size=64, mean=(0, 0, 0), std=(1, 1, 1), pad=True)
+    proc = ImageProcessor(size=64, mean=(0, 0, 0), std=(1, 1, 1))
     img = np.zeros((30, 60, 3), np.uint8)
     img[:, :30] = 255
     pv = proc([img])
     assert pv.shape == (1, 3, 64, 64)
-    assert pv[0, 0, 40:, :].abs().max() == 0  # padded bottom is black
+    assert pv[0, 0, :, 40:].abs().max() == 0  # the right half stays black
     back = proc.postprocess(pv[0, :1], (30, 60))
     assert back.shape == (1, 30, 60)
     assert back[0, 5:25, 2:25].min() > 0.9 and back[0, 5:25, 35:].max() < 0.1

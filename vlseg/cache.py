@@ -106,12 +106,13 @@ class FeatureCache:
 
             save_file({f"t{i}": t.contiguous() for i, t in enumerate(tokens)}, str(self._file(key)))
 
-    def encode(self, model: object, pixel_values: Tensor, keys: Sequence[str]) -> ImageFeatures:
-        """Features of a batch, (B, 3, H, W) + one key per image (e.g. its path and flip state)."""
+    def encode(self, model: object, pixel_values: Tensor, keys: Sequence[str | None]) -> ImageFeatures:
+        """Features of a batch, (B, 3, H, W) + one key per image (e.g. its path and flip state); a None key is an
+        image that never repeats (a composite canvas): encoded, never stored."""
         if len(keys) != pixel_values.shape[0]:
             raise ValueError(f"{len(keys)} keys for {pixel_values.shape[0]} images")
-        found = {k: self._get(k) for k in keys}
-        miss = [i for i, k in enumerate(keys) if found[k] is None]
+        found: list[list[Tensor] | None] = [None if k is None else self._get(k) for k in keys]
+        miss = [i for i, t in enumerate(found) if t is None]
         self.hits += len(keys) - len(miss)
         self.misses += len(miss)
         if miss:
@@ -122,10 +123,13 @@ class FeatureCache:
                 (self.dir / "meta.json").write_text(json.dumps(self.meta))
             for j, i in enumerate(miss):
                 toks = [t[j:j + 1].detach().clone() for t in f.tokens]
-                found[keys[i]] = toks
-                self._put(keys[i], toks)
+                found[i] = toks
+                key = keys[i]
+                if key is not None:
+                    self._put(key, toks)
         assert self.meta is not None
         grid, prefix, size = self.meta
-        tokens = [torch.cat([found[k][li] for k in keys]).to(pixel_values.device)  # type: ignore[index]
-                  for li in range(len(found[keys[0]]))]  # type: ignore[arg-type]
+        layers = len(found[0])  # type: ignore[arg-type]
+        tokens = [torch.cat([t[li] for t in found]).to(pixel_values.device)  # type: ignore[index]
+                  for li in range(layers)]
         return ImageFeatures(tokens=tokens, grid=grid, num_prefix_tokens=prefix, image_size=size)

@@ -124,23 +124,34 @@ def from_manifest(path: str | Path, root: str | Path | None = None, split: str |
         raise DataError(f"Manifest not found: {p}")
     base = Path(root) if root is not None else p.parent
     rows: list[dict[str, Any]] = []
-    if p.suffix.lower() == ".csv":
-        with open(p, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f):
-                rows.append({k: _csv_value(v) for k, v in row.items()})
-    else:
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{p}:{n}: not valid JSON ({e})") from e
+    try:  # utf-8-sig: a byte-order mark (spreadsheet exports) is read, not taken for data
+        if p.suffix.lower() == ".csv":
+            with open(p, newline="", encoding="utf-8-sig") as f:
+                for row in csv.DictReader(f):
+                    rows.append({k: _csv_value(v) for k, v in row.items()})
+        else:
+            with open(p, encoding="utf-8-sig") as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{p}:{n}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p} is not UTF-8 text ({e}); save the manifest as UTF-8") from e
+    if not rows:
+        raise DataError(f"Manifest {p} has no rows")
     records, seen = [], {}
     for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(f"{p}: row {n} is a JSON {type(row).__name__}, not an object with an 'image' key")
         if "image" not in row:
             raise DataError(f"{p}: row {n} has no 'image' column")
+        for k in ("image", "mask", "class_name"):
+            v = row.get(k)
+            if (k == "image" or v is not None) and not (isinstance(v, str) and (v or k == "mask")):
+                raise DataError(f"{p}: row {n}: {k!r} must be a non-empty string, got {v!r}")
         if split is not None and row.get("split") != split:
             continue
         if datasets is not None and row.get("dataset") not in datasets:
@@ -298,12 +309,22 @@ def from_hf(name_or_path: str | Path, split: str = "train", image_column: str = 
                      modality, prompt_fn)
 
 
-def train_val_split(ds: SampleDataset, val_fraction: float = 0.2, seed: int = 0) -> tuple[Subset, Subset]:
+def train_val_split(ds: SampleDataset, val_fraction: float = 0.2, seed: int = 0,
+                    single_group: str = "block") -> tuple[Subset, Subset]:
     """Reproducible split by group (subject / video / sequence / volume where the source has one, else image), so
     near-duplicate frames and the several classes of one image never straddle it. Each dataset is split on its own
-    so every dataset appears on both sides when it has at least two groups."""
+    so every dataset appears on both sides when it has at least two groups.
+
+    Args:
+        single_group: a dataset that is one group (one volume, one video) is split into two contiguous blocks of
+            images in file-name (slice / frame) order, the last ``val_fraction`` of its images for validation, so
+            only the slices at the block boundary are neighbours (``"block"``, the default); ``"train"`` keeps it
+            whole in training (then it cannot be validated).
+    """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if single_group not in ("block", "train"):
+        raise ValueError(f"single_group must be 'block' or 'train', got {single_group!r}")
     by_ds: dict[str, dict[str, list[int]]] = {}
     for i, r in enumerate(ds.records):
         by_ds.setdefault(str(r.get("dataset", "")), {}).setdefault(ds.group_of(i), []).append(i)
@@ -311,16 +332,24 @@ def train_val_split(ds: SampleDataset, val_fraction: float = 0.2, seed: int = 0)
     rng = random.Random(seed)
     for name in sorted(by_ds):
         groups = sorted(by_ds[name])
+        if len(groups) == 1 and single_group == "block":
+            idx = by_ds[name][groups[0]]
+            images = sorted({str(ds.records[i].get("image", ds.records[i].get("row", i))) for i in idx})
+            cut = len(images) - max(1, round(val_fraction * len(images))) if len(images) > 1 else len(images)
+            held = set(images[cut:])
+            for i in idx:
+                (val if str(ds.records[i].get("image", ds.records[i].get("row", i))) in held else train).append(i)
+            continue
         rng.shuffle(groups)
         total = sum(len(by_ds[name][g]) for g in groups)
         taken = 0
         for j, g in enumerate(groups):
-            idx = by_ds[name][g]
+            gi = by_ds[name][g]
             if len(groups) > 1 and j < len(groups) - 1 and taken < val_fraction * total:
-                val += idx
-                taken += len(idx)
+                val += gi
+                taken += len(gi)
             else:
-                train += idx
+                train += gi
     return ds.subset(sorted(train)), ds.subset(sorted(val))
 
 

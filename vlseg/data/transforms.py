@@ -39,28 +39,39 @@ class PairedAugment:
                       if (brightness or contrast or saturation) else None)
         self.rng = random.Random(seed)
 
-    def __call__(self, sample: Sample) -> Sample:
+    def apply(self, image: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray],
+                                                                           tuple[bool, bool]]:
+        """One image and any number of its masks, transformed together.
+
+        Args:
+            image: (H, W, 3) uint8.  masks: name -> (H, W) bool.
+        Returns:
+            (image, masks, (hflipped, vflipped)).
+        """
         from torchvision import tv_tensors
 
         h = self.rng.random() < self.hflip
         v = self.rng.random() < self.vflip
-        image, mask = sample.image, sample.mask
+        names = list(masks)
+        stack = np.stack([masks[n] for n in names]) if names else np.zeros((0,) + image.shape[:2], bool)
         if h:
-            image = image[:, ::-1]
-            mask = None if mask is None else mask[:, ::-1]
+            image, stack = image[:, ::-1], stack[:, :, ::-1]
         if v:
-            image = image[::-1]
-            mask = None if mask is None else mask[::-1]
+            image, stack = image[::-1], stack[:, ::-1]
         img_t = tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1))
-        mask_t = None if mask is None else tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(mask)).to(torch.uint8))
+        mask_t = tv_tensors.Mask(torch.from_numpy(np.ascontiguousarray(stack)).to(torch.uint8))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.rng.randrange(2**31))
             if self.affine is not None:
-                img_t, mask_t = self.affine(img_t, mask_t) if mask_t is not None else (self.affine(img_t), None)
+                img_t, mask_t = self.affine(img_t, mask_t)
             if self.color is not None:
                 img_t = self.color(img_t)
+        out = mask_t.numpy().astype(bool)
+        return img_t.permute(1, 2, 0).contiguous().numpy(), {n: out[i] for i, n in enumerate(names)}, (h, v)
+
+    def __call__(self, sample: Sample) -> Sample:
+        masks = {} if sample.mask is None else {"mask": sample.mask}
+        image, out, (h, v) = self.apply(sample.image, masks)
         prompts = [flip_prompt(p, horizontal=h, vertical=v) for p in sample.prompts]
         meta = {**sample.meta, "flipped": (h, v)}
-        new_mask = None if mask_t is None else mask_t.numpy().astype(bool)
-        return replace(sample, image=img_t.permute(1, 2, 0).contiguous().numpy(), mask=new_mask, prompts=prompts,
-                       meta=meta)
+        return replace(sample, image=image, mask=out.get("mask"), prompts=prompts, meta=meta)

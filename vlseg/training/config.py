@@ -23,8 +23,11 @@ class TrainConfig:
     by the task).
     Data: ``data`` (sources: ``{manifest: path}``, ``{folder: images, masks: masks}``, ``{hf: name}`` with
     ``weight``, ``name`` and the loader's arguments), split into train/val by group with ``val_fraction``.
-    Prompts: ``prompt_levels`` drawn in training, ``eval_levels`` scored, ``negative_rate`` (wrong-class prompts
-    with empty targets).
+    Prompts: ``prompt_levels`` drawn in training, ``eval_levels`` scored; language is made necessary by several
+    prompts per image (``prompts_per_image``: each annotated class of the image is its own target),
+    ``negative_rate`` (prompt slots given to classes known to be absent, with empty targets; look-alikes at
+    ``hard_negative_rate``) and ``composite_rate`` (canvases tiling images of different datasets, where only the
+    prompt says which tile is meant). ``calibrate_presence`` stores a validated presence threshold in ``best/``.
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -45,6 +48,11 @@ class TrainConfig:
     prompt_levels: list[str] = field(default_factory=lambda: [f"p{i}" for i in range(1, 10)])
     eval_levels: list[str] = field(default_factory=lambda: ["p1", "p6"])
     negative_rate: float = 0.1
+    prompts_per_image: int = 1  # K prompts per training image: its classes and negatives (empty targets)
+    hard_negative_rate: float = 0.5  # share of negatives drawn from look-alike classes (prompts/hard_negatives.json)
+    composite_rate: float = 0.0  # share of training images that are composite canvases of 2-4 images
+    composite_tiles: list[int] = field(default_factory=lambda: [2, 4])  # fewest, most tiles per canvas
+    calibrate_presence: bool = True  # after training, choose the presence threshold on the validation split
     augment: dict[str, Any] | None = field(default_factory=lambda: {"hflip": 0.5})
     # optimisation
     batch_size: int = 8
@@ -72,13 +80,16 @@ class TrainConfig:
     threads: int | None = None  # CPU threads per process (default: what the launcher gives, see below)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_every"):
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "prompts_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0 <= self.negative_rate <= 1:
-            raise ValueError(f"negative_rate must be in [0, 1], got {self.negative_rate}")
+        for name in ("negative_rate", "hard_negative_rate", "composite_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if len(self.composite_tiles) != 2 or not 2 <= self.composite_tiles[0] <= self.composite_tiles[1] <= 4:
+            raise ValueError(f"composite_tiles must be [fewest, most] within 2..4, got {self.composite_tiles}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

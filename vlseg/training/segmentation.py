@@ -9,51 +9,100 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import PairedAugment, split_sources
+from ..data import CompositeSampler, PairedAugment, group_by_image, load_group, split_sources
+from ..data.negatives import hard_subset, negative_candidates
 from ..evaluation import evaluate_dataset
 from ..features import ImageFeatures
 from ..losses import SegmentationLoss
-from ..prompts import PromptSampler
+from ..prompts import generate
 from .config import TrainConfig
 from .tasks import Batch, Evaluation, Task, register_task
 
 
 class SegmentationBatcher:
-    """Deterministic batches: step s draws its samples, prompts and augmentations from (seed, s) only, so an
-    interrupted run resumes on exactly the batches it would have seen, and every process takes its own slice."""
+    """Deterministic batches: step s draws its images, canvases, prompts and augmentations from (seed, s) only, so
+    an interrupted run resumes on exactly the batches it would have seen, and every process takes its own slice.
+
+    Each batch item is one image (all its annotated classes, ``vlseg.data.load_group``) or, at
+    ``cfg.composite_rate``, a composite canvas of images from different datasets; it gets ``cfg.prompts_per_image``
+    prompts: its present classes (each with its own mask as target, at a random prompt level) and, at
+    ``cfg.negative_rate`` per slot, classes known to be absent (``vlseg.data.negatives``; look-alikes at
+    ``cfg.hard_negative_rate``) with empty targets. Items without a present class get only negatives.
+    """
 
     def __init__(self, ds: Any, cfg: TrainConfig, processor: Any, rank: int, world: int):
         self.ds, self.cfg, self.proc, self.rank, self.world = ds, cfg, processor, rank, world
         w = np.asarray(ds.item_weights(), dtype=np.float64)
         self.p = w / w.sum()
-        self.classes = sorted({r["class_name"] for r in ds.records})
+        self.groups = group_by_image(ds)
+        self.group_of = {i: g for g in self.groups for i in g.indices}
+        self.pool = sorted({str(r["class_name"]) for r in ds.records})
+        self.context: dict[str, tuple[str, ...]] = {}  # every class each dataset annotates
+        for r in ds.records:
+            d = str(r.get("dataset", ""))
+            if r["class_name"] not in self.context.get(d, ()):
+                self.context[d] = (*self.context.get(d, ()), str(r["class_name"]))
+        self.canvases = None
+        if cfg.composite_rate > 0:
+            self.canvases = CompositeSampler(ds, seed=cfg.seed, tiles=tuple(cfg.composite_tiles),  # type: ignore[arg-type]
+                                             size=processor.size)
+
+    def _prompts(self, rng: np.random.Generator, masks: dict[str, np.ndarray], negatives: list[str],
+                 hard: list[str]) -> tuple[list[str], list[np.ndarray]]:
+        """K (prompt, target) pairs for one item."""
+        cfg = self.cfg
+        present = [c for c, m in masks.items() if m.any()]
+        order = [present[i] for i in rng.permutation(len(present))]
+        empty = np.zeros(next(iter(masks.values())).shape if masks else (1, 1), bool)
+        texts, targets = [], []
+        for k in range(cfg.prompts_per_image):
+            negative = not order or (negatives and rng.random() < cfg.negative_rate)
+            if negative and negatives:
+                pool = hard if hard and rng.random() < cfg.hard_negative_rate else negatives
+                cls, target = pool[int(rng.integers(len(pool)))], empty
+            elif order:
+                cls = order[k % len(order)]
+                target = masks[cls]
+            else:  # nothing present and no known negative: the image's own (empty) classes
+                cls, target = next(iter(masks)) if masks else "object", empty
+            level = cfg.prompt_levels[int(rng.integers(len(cfg.prompt_levels)))]
+            texts.append(generate(target, cls, level, seed=int(rng.integers(2**31))) or cls)
+            targets.append(target)
+        return texts, targets
 
     def __call__(self, step: int, device: torch.device | str) -> Batch:
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, step])
-        idx = rng.choice(len(self.ds), size=cfg.batch_size * self.world, p=self.p)
-        idx = idx[self.rank * cfg.batch_size:(self.rank + 1) * cfg.batch_size]
-        images, masks, prompts, keys = [], [], [], []
-        for j, i in enumerate(idx):
-            s = self.ds[int(i)]
-            item_seed = int(rng.integers(2**31)) ^ j
-            flips = (False, False)
-            if cfg.augment:
-                a = {"hflip": 0.0, "vflip": 0.0, "degrees": 0, "translate": 0, "scale": None, "brightness": 0,
-                     "contrast": 0, "saturation": 0, **cfg.augment}
-                s = PairedAugment(**a, seed=item_seed)(s)
-                flips = s.meta.get("flipped", flips)
-            present = set(s.meta.get("class_names") or [s.class_name])
-            absent = [c for c in self.classes if c not in present]
-            sampler = PromptSampler(tuple(cfg.prompt_levels), negative_rate=cfg.negative_rate, seed=item_seed)
-            text, target, _ = sampler.sample(s.mask, s.class_name, absent=absent)
-            images.append(s.image)
-            masks.append(target)
-            prompts.append([text])  # "" is the p0 level: the model must segment without text
-            keys.append(f"{s.meta.get('image', i)}|{flips}")
+        images, prompts, targets, keys = [], [], [], []
+        for j in range(self.rank * cfg.batch_size, (self.rank + 1) * cfg.batch_size):
+            rng = np.random.default_rng([cfg.seed, step, j])
+            key: str | None
+            if self.canvases is not None and rng.random() < cfg.composite_rate:
+                canvas = self.canvases.canvas(step, item=j)
+                image, masks = canvas.image, dict(canvas.targets)
+                negatives = self.canvases.negatives(canvas)
+                present = [c for t in canvas.tiles for c in t.classes]
+                key = None  # never repeats: not cached
+            else:
+                g = self.group_of[int(rng.choice(len(self.ds), p=self.p))]
+                image, masks, _ = load_group(self.ds, g)
+                flips = (False, False)
+                if cfg.augment:
+                    a = {"hflip": 0.0, "vflip": 0.0, "degrees": 0, "translate": 0, "scale": None, "brightness": 0,
+                         "contrast": 0, "saturation": 0, **cfg.augment}
+                    image, masks, flips = PairedAugment(**a, seed=int(rng.integers(2**31))).apply(image, masks)
+                present = [c for c, m in masks.items() if m.any()]
+                absent = [c for c, m in masks.items() if not m.any()]
+                negatives = negative_candidates(self.pool, present, absent, self.context.get(g.dataset, ()))
+                key = f"{g.key}|{flips}"
+            hard = hard_subset(negatives, present)
+            texts, tg = self._prompts(rng, masks, negatives, hard)
+            images.append(image)
+            prompts.append(texts)
+            targets.append(tg)
+            keys.append(key)
         pv = self.proc(images, device=device)
-        targets = self.proc.masks(masks, device=device).unsqueeze(1)  # (B, 1, S, S)
-        return Batch(pixel_values=pv, keys=keys, inputs={"prompts": prompts, "targets": targets})
+        t = torch.stack([self.proc.masks(tg, device=device) for tg in targets])  # (B, K, S, S)
+        return Batch(pixel_values=pv, keys=keys, inputs={"prompts": prompts, "targets": t})
 
 
 @register_task
@@ -81,3 +130,18 @@ class SegmentationTask(Task):
         value = float(summary["all"][cfg.best_metric])
         score = -value if cfg.best_metric == "hd95" else value  # lower is better for distances
         return Evaluation(score=score, headline={"dice": float(summary["all"]["dice"])}, summary=summary)
+
+    def finish(self, model: Any, val: Any, cfg: TrainConfig) -> dict[str, Any]:
+        """Calibrate the presence threshold on the validation split (stored in the model's config, so segment,
+        predict, the CLI and the demo use it) and report language use there."""
+        from ..language_use import language_use_report, presence_calibration, summary_line
+
+        report: dict[str, Any] = {}
+        if cfg.calibrate_presence and model.config.presence:
+            cal = presence_calibration(model, val, seed=cfg.seed)
+            model.config.presence_threshold = float(cal["threshold"])
+            report["presence_calibration"] = {k: v for k, v in cal.items() if k != "curve"}
+        lu = language_use_report(model, val, seed=cfg.seed, max_images=cfg.eval_max_samples or 200)
+        lu["summary_line"] = summary_line(lu)
+        report["language_use"] = lu
+        return report
