@@ -19,6 +19,7 @@ from .encoders.tokenizers import write_clip_tokenizer
 from .factory import create_model, load, load_or_create
 from .families import list_families
 from .inference import Prediction, predict, segment, segment_volume
+from .video import segment_video
 from .io import read_image
 from .model import SegOutput, VLSegModel
 from .presets import add_encoder_config, add_model_config, get_model_config, list_encoder_presets, list_models
@@ -54,6 +55,7 @@ __all__ = [
     "prompts",
     "read_image",
     "segment",
+    "segment_video",
     "segment_volume",
     "write_clip_tokenizer",
 ]

@@ -10,7 +10,7 @@ Dimension glossary (used in every docstring of vlseg):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -148,3 +148,49 @@ class TextFeatures:
             last = int(self.mask[i].nonzero().max()) + 1 if self.mask[i].any() else n
             out.append(TextFeatures(self.tokens[i : i + 1, :last], self.mask[i : i + 1, :last], self.pooled[i : i + 1]))
         return out
+
+
+@dataclass
+class BoxPrompts:
+    """Box prompts for families whose ``capabilities.boxes`` is True: one row per (image, prompt) pair, B * K rows
+    grouped by image (image b's prompts are rows b*K .. b*K+K-1).
+
+    Attributes:
+        boxes: (R, N, 4) float, (x0, y0, x1, y1) normalised to [0, 1] by the image's width and height.
+        labels: (R, N) long: 1 a positive box, 0 a negative box, -1 padding (a row of padding has no boxes).
+    """
+
+    boxes: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.boxes.dim() != 3 or self.boxes.shape[-1] != 4 or tuple(self.labels.shape) != tuple(self.boxes.shape[:2]):
+            raise ValueError(f"BoxPrompts needs boxes (R, N, 4) and labels (R, N), got {tuple(self.boxes.shape)} and "
+                             f"{tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def has_boxes(self) -> Tensor:
+        """(R,) bool: rows with at least one box."""
+        return (self.labels >= 0).any(-1)
+
+
+@dataclass
+class QueryOutputs:
+    """Per-query predictions of families that detect instances (``capabilities.instances``, e.g. SAM 3): Q queries
+    for each (image, prompt) pair; the semantic mask of a prompt is the union of its kept queries' masks.
+
+    Attributes:
+        mask_logits: (B, K, Q, h, w) instance mask logits at the family's mask resolution.
+        boxes: (B, K, Q, 4) (x0, y0, x1, y1) normalised to [0, 1].
+        scores: (B, K, Q) instance probabilities (the presence score included where the family has one).
+        keep: (B, K, Q) bool, the queries kept as instances (score above the family's threshold).
+        raw: family-specific tensors its training loss reads (SAM 3: ``pred_logits``, ``semantic_seg``, ...).
+    """
+
+    mask_logits: Tensor
+    boxes: Tensor
+    scores: Tensor
+    keep: Tensor
+    raw: dict[str, Tensor] = field(default_factory=dict)

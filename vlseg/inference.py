@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .io import read_image
+from .features import BoxPrompts, QueryOutputs
 from .model import VLSegModel, normalize_prompts
 from .data.clinical import volume_slices
 from .volumes import Volume, VolumeMasks, is_volume_source, read_volume
@@ -20,9 +21,33 @@ def _is_batch(image: Any) -> bool:
     return isinstance(image, (list, tuple))
 
 
+@dataclass
+class Instances:
+    """The instances one prompt found in an image (families with ``capabilities.instances``, e.g. SAM 3).
+
+    Attributes:
+        masks: (N, H, W) bool, at the image's size.
+        boxes: (N, 4) float32 (x0, y0, x1, y1) in pixels of the image.
+        scores: (N,) float32 instance probabilities (the presence score included).
+    """
+
+    masks: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+
+
 def _run(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: int, autocast: bool
          ) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """-> per image: (K, H, W) float32 probabilities at the image's size, (K,) presence probabilities or None."""
+    return [(probs, presence) for probs, presence, _ in _run_detailed(model, items, prompts, batch_size, autocast)]
+
+
+def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: int, autocast: bool,
+                  boxes: BoxPrompts | None = None, threshold: float | None = None
+                  ) -> list[tuple[np.ndarray, np.ndarray | None, list[Instances] | None]]:
+    """``_run`` plus box prompts (rows for one image) and, for families that detect instances, each prompt's
+    instances (masks cut at ``threshold``). Their semantic probability is the highest kept instance probability,
+    so the mask is the union of the instance masks (as SAM 3's post-processing)."""
     out = []
     dev = model.device
     was_training = model.training
@@ -32,16 +57,82 @@ def _run(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: in
             arrays = [read_image(x)[0] for x in items[start:start + batch_size]]
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 pv = model.processor(arrays, device=dev)
-                res = model(pv, prompts)
+                res = model(pv, prompts) if boxes is None else model(pv, prompts, boxes=boxes)
                 for i, arr in enumerate(arrays):
-                    # sigmoid at the model's resolution, then resize probabilities (as the upstream pipelines do)
-                    probs = model.processor.postprocess(torch.sigmoid(res.logits[i].float()), arr.shape[:2])
                     presence = None if res.presence is None else torch.sigmoid(res.presence[i].float())
+                    inst = None
+                    if res.instances is not None:
+                        probs, inst = _instance_probs(model, res.instances, i, arr.shape[:2], threshold)
+                    else:  # sigmoid at the model's resolution, then resize probabilities (as upstream pipelines do)
+                        probs = model.processor.postprocess(torch.sigmoid(res.logits[i].float()), arr.shape[:2])
                     out.append((probs.cpu().numpy().astype(np.float32),
-                                None if presence is None else presence.cpu().numpy()))
+                                None if presence is None else presence.cpu().numpy(), inst))
     finally:
         model.train(was_training)
     return out
+
+
+def _instance_probs(model: VLSegModel, q: QueryOutputs, i: int, size: tuple[int, int], threshold: float | None
+                    ) -> tuple[torch.Tensor, list[Instances] | None]:
+    """Image ``i``'s kept queries -> (K, H, W) semantic probabilities (max over instances, resized first as
+    transformers' post_process_instance_segmentation does) and, with a threshold, the instances."""
+    h, w = int(size[0]), int(size[1])
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    sem, found = [], []
+    for k in range(q.keep.shape[1]):
+        keep = q.keep[i, k]
+        logits = q.mask_logits[i, k][keep].float()
+        probs = model.processor.postprocess(torch.sigmoid(logits), (h, w)) if len(logits) else \
+            logits.new_zeros(0, h, w)
+        sem.append(probs.amax(0) if len(probs) else probs.new_zeros(h, w))
+        if threshold is not None:
+            found.append(Instances(masks=(probs > threshold).cpu().numpy(),
+                                   boxes=(q.boxes[i, k][keep].float().cpu() * scale).numpy(),
+                                   scores=q.scores[i, k][keep].float().cpu().numpy()))
+    return torch.stack(sem), (found if threshold is not None else None)
+
+
+def box_prompts(boxes: Sequence[Any], box_labels: Sequence[Any] | None, k: int, size: tuple[int, int]
+                ) -> BoxPrompts:
+    """``segment``'s ``boxes`` (per prompt: None or a list of (x0, y0, x1, y1) pixel boxes) and ``box_labels``
+    (per prompt: None or 1 positive / 0 negative per box) -> BoxPrompts normalised by the image's (W, H)."""
+    if isinstance(boxes, (str, bytes)) or len(boxes) != k:
+        raise ValueError(f"boxes needs one entry per prompt ({k}): None or a list of (x0, y0, x1, y1) pixel boxes")
+    if box_labels is not None and len(box_labels) != k:
+        raise ValueError(f"box_labels needs one entry per prompt ({k}), like boxes")
+    h, w = size
+    rows: list[list[tuple[list[float], int]]] = []
+    for j, bl in enumerate(boxes):
+        row: list[tuple[list[float], int]] = []
+        labels = None if box_labels is None else box_labels[j]
+        if bl is not None:
+            bl = [bl] if len(bl) == 4 and all(isinstance(v, (int, float, np.number)) for v in bl) else list(bl)
+            if labels is not None and len(labels) != len(bl):
+                raise ValueError(f"prompt {j}: {len(bl)} boxes but {len(labels)} box labels")
+            for n, b in enumerate(bl):
+                if len(b) != 4:
+                    raise ValueError(f"prompt {j}: a box is (x0, y0, x1, y1), got {b!r}")
+                x0, y0, x1, y1 = (float(v) for v in b)
+                if not (x1 > x0 and y1 > y0):
+                    raise ValueError(f"prompt {j}: box {b!r} has no area (needs x1 > x0 and y1 > y0)")
+                lab = 1 if labels is None else int(labels[n])
+                if lab not in (0, 1):
+                    raise ValueError(f"prompt {j}: box labels are 1 (positive) or 0 (negative), got {labels[n]!r}")
+                row.append(([x0 / w, y0 / h, x1 / w, y1 / h], lab))
+        rows.append(row)
+    n = max(1, max(len(r) for r in rows))
+    t = torch.zeros(k, n, 4)
+    lab_t = torch.full((k, n), -1, dtype=torch.long)
+    for j, row in enumerate(rows):
+        for m, (b, lab) in enumerate(row):
+            t[j, m] = torch.tensor(b)
+            lab_t[j, m] = lab
+    return BoxPrompts(boxes=t, labels=lab_t)
+
+
+def _check_boxes(model: VLSegModel, boxes: Any) -> None:
+    if boxes is not None and not model.family.capabilities.boxes:
+        raise ValueError(f"{model.family.name!r} models take no box prompts (boxes=...); SAM 3 models do")
 
 
 PresenceThreshold = float | None | str
@@ -79,33 +170,43 @@ class Prediction:
         presence: (K,) probability that each prompted structure is present: the presence head when the model
             has one, else the highest pixel probability.
         has_presence_head: which of the two ``presence`` is.
+        instances: for families that detect instances (SAM 3), per prompt the Instances it found (the masks are
+            their union); None for the others.
     """
 
     masks: np.ndarray
     probs: np.ndarray
     presence: np.ndarray
     has_presence_head: bool
+    instances: list[Instances] | None = None
 
 
 def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
-            presence_threshold: PresenceThreshold = "model") -> Prediction:
-    """Masks, probabilities and presence scores for one 2D image (path, PIL or array) and K prompts."""
+            presence_threshold: PresenceThreshold = "model", boxes: Sequence[Any] | None = None,
+            box_labels: Sequence[Any] | None = None) -> Prediction:
+    """Masks, probabilities, presence scores (and instances, for families that detect them) for one 2D image
+    (path, PIL or array) and K prompts; ``boxes``/``box_labels`` as in ``segment``."""
     if isinstance(prompts, str):
         prompts = [prompts]
     normalize_prompts(list(prompts), 1)
     if not isinstance(model, VLSegModel):
         raise TypeError(f"predict() needs a VLSegModel, got {type(model).__name__}")
-    probs, presence = _run(model, [image], list(prompts), 1, False)[0]
+    _check_boxes(model, boxes)
+    bp = None
+    if boxes is not None:
+        arr = read_image(image)[0]
+        image, bp = arr, box_prompts(boxes, box_labels, len(prompts), arr.shape[:2])
+    probs, presence, inst = _run_detailed(model, [image], list(prompts), 1, False, boxes=bp, threshold=threshold)[0]
     masks = _gate(probs, presence, threshold, presence_cutoff(model, presence_threshold))
     head = presence is not None
     score = presence if head else probs.reshape(len(prompts), -1).max(1)
-    return Prediction(masks=masks, probs=probs, presence=score, has_presence_head=head)
+    return Prediction(masks=masks, probs=probs, presence=score, has_presence_head=head, instances=inst)
 
 
 def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
             return_probs: bool = False, batch_size: int = 8, presence_threshold: PresenceThreshold = "model",
-            autocast: bool = False, volume_axis: int = 2, window: Any = None, allow_empty_prompts: bool = False
-            ) -> Any:
+            autocast: bool = False, volume_axis: int = 2, window: Any = None, allow_empty_prompts: bool = False,
+            boxes: Sequence[Any] | None = None, box_labels: Sequence[Any] | None = None) -> Any:
     """Segment what the prompts describe.
 
     Args:
@@ -122,13 +223,17 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         autocast: run under bfloat16 autocast (faster on CPUs with bf16 and on GPUs; tiny numeric differences).
         volume_axis, window: for volumes, the slicing axis and the intensity window (a preset such as
             "abdomen", a (center, width) pair, or None for min-max over the volume).
+        boxes: box prompts for one 2D image, for families whose ``capabilities.boxes`` is True (SAM 3): one entry
+            per prompt, None or a list of (x0, y0, x1, y1) boxes in the image's pixels. A prompt with boxes and
+            the text "visual" is a box-only prompt (SAM 3's convention).
+        box_labels: per prompt, None (all positive) or one label per box: 1 positive, 0 negative (exclude this).
     Returns:
         For one image a (K, H, W) array (bool masks, or float32 probabilities); for a list, a list of those.
         A volume gives (K, X, Y, Z) in the file's voxel order; ``vlseg.segment_volume`` returns the same masks
         with the geometry to write them back.
     Raises:
         ValueError: empty prompt list, empty prompt string (unless ``allow_empty_prompts``, for ablations),
-            unreadable or non-image input.
+            unreadable or non-image input, box prompts for a model that takes none or for several images.
     """
     if not isinstance(model, VLSegModel):
         raise TypeError(f"segment() needs a VLSegModel (vlseg.create_model / vlseg.load), got {type(model).__name__}")
@@ -137,6 +242,15 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     normalize_prompts(list(prompts), 1, allow_empty=allow_empty_prompts)  # validate before any image work
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    _check_boxes(model, boxes)
+    if boxes is not None:
+        if _is_batch(image) or is_volume_source(image):
+            raise ValueError("box prompts are in one image's pixels: pass a single 2D image with boxes=")
+        arr = read_image(image)[0]
+        bp = box_prompts(boxes, box_labels, len(prompts), arr.shape[:2])
+        probs, presence, _ = _run_detailed(model, [arr], list(prompts), 1, autocast, boxes=bp)[0]
+        return probs if return_probs else _gate(probs, presence, threshold, presence_cutoff(model,
+                                                                                            presence_threshold))
     items = list(image) if _is_batch(image) else [image]
     if not items:
         raise ValueError("No images given")

@@ -21,7 +21,7 @@ from . import checkpoint
 from .config import LoraSpec, ModelConfig
 from .decoders.base import FusionDecoder
 from .encoders.base import ImageEncoder, TextEncoder
-from .features import ImageFeatures, TextFeatures
+from .features import BoxPrompts, ImageFeatures, QueryOutputs, TextFeatures
 from .processing import ImageProcessor
 
 if TYPE_CHECKING:
@@ -33,12 +33,15 @@ Prompts = str | Sequence[str] | Sequence[Sequence[str]]
 @dataclass
 class SegOutput:
     """Attributes:
-    logits: (B, K, H, W) mask logits at the pixel-value size.
+    logits: (B, K, H, W) mask logits at the pixel-value size (families that detect instances may give them at
+        their mask resolution).
     presence: (B, K) presence logits, or None when the decoder has no presence head.
+    instances: per-query predictions of families that detect instances (``capabilities.instances``), else None.
     """
 
     logits: Tensor
     presence: Tensor | None = None
+    instances: QueryOutputs | None = None
 
 
 def normalize_prompts(prompts: Prompts, batch_size: int, allow_empty: bool = False) -> tuple[list[str], int, bool]:
@@ -191,23 +194,29 @@ class VLSegModel(nn.Module):
         self.stats["text_encoder_calls"] += 1
         return self.text_encoder(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
 
-    def decode(self, image: ImageFeatures, text: TextFeatures, pixel_values: Tensor, k: int) -> SegOutput:
-        """B images x (B * K) prompts -> SegOutput (B, K, H, W)."""
-        out = self.decoder(image, text, pixel_values, k)
+    def decode(self, image: ImageFeatures, text: TextFeatures, pixel_values: Tensor, k: int,
+               boxes: BoxPrompts | None = None) -> SegOutput:
+        """B images x (B * K) prompts (and optional box prompts, one row per prompt) -> SegOutput (B, K, H, W)."""
+        if boxes is not None and not self.family.capabilities.boxes:
+            raise ValueError(f"{self.family.name!r} models take no box prompts; use a family whose "
+                             "capabilities.boxes is True (e.g. sam3)")
+        out = self.decoder(image, text, pixel_values, k) if boxes is None else \
+            self.decoder(image, text, pixel_values, k, boxes=boxes)
         b = image.batch_size
         logits = out.logits.reshape(b, k, *out.logits.shape[-2:])
         presence = out.presence.reshape(b, k) if out.presence is not None else None
-        return SegOutput(logits=logits, presence=presence)
+        return SegOutput(logits=logits, presence=presence, instances=getattr(out, "instances", None))
 
-    def forward(self, pixel_values: Tensor, prompts: Prompts, image_features: ImageFeatures | None = None
-                ) -> SegOutput:
+    def forward(self, pixel_values: Tensor, prompts: Prompts, image_features: ImageFeatures | None = None,
+                boxes: BoxPrompts | None = None) -> SegOutput:
         """Args:
             pixel_values: (B, 3, H, W) normalised images (see ``self.processor``).
             prompts: K strings shared by the batch, or B lists of K strings ("" = no text, the p0 level).
             image_features: precomputed ``encode_image(pixel_values)`` (e.g. from a FeatureCache) to skip the
                 image encoder.
+            boxes: box prompts, one row per (image, prompt) pair (families with ``capabilities.boxes`` only).
         Returns:
-            SegOutput: logits (B, K, H, W), presence (B, K) or None.
+            SegOutput: logits (B, K, H, W), presence (B, K) or None, instances or None.
         """
         flat, k, shared = normalize_prompts(prompts, pixel_values.shape[0], allow_empty=True)
         image = self.encode_image(pixel_values) if image_features is None else image_features
@@ -217,7 +226,7 @@ class VLSegModel(nn.Module):
             text = text if b == 1 else text.index([j for _ in range(b) for j in range(k)])
         else:
             text = self.encode_text(flat)
-        return self.decode(image, text, pixel_values, k)
+        return self.decode(image, text, pixel_values, k, boxes=boxes)
 
     def _check_pixels(self, pixel_values: Tensor) -> None:
         if not isinstance(pixel_values, Tensor) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
@@ -293,16 +302,20 @@ class VLSegModel(nn.Module):
     def checkpoint_keys(self, include_encoders: bool = False) -> list[str]:
         """State-dict keys a checkpoint holds: everything when the encoders are bundled (asked, or frozen parts
         that cannot be rebuilt from their source), else only trainable state (decoder, LoRA, trainable
-        projections, unfrozen encoders)."""
+        projections, unfrozen encoders). A native decoder's ``frozen_prefixes`` (upstream parts kept at their
+        source weights, e.g. SAM 3's box encoder in text-only training) are rebuilt like frozen encoders."""
         keys = list(self.state_dict())
         if include_encoders or not self.family.rebuildable(self.config):
             return keys
         towers = {"image_encoder": (self.config.freeze_image, self.image_encoder.trainable_prefixes),
                   "text_encoder": (self.config.freeze_text, self.text_encoder.trainable_prefixes)}
+        decoder_frozen = tuple(getattr(self.decoder, "frozen_prefixes", ()))
         out = []
         for k in keys:
             top, _, rest = k.partition(".")
             frozen, prefixes = towers.get(top, (False, ()))
+            if top == "decoder" and decoder_frozen and rest.startswith(decoder_frozen):
+                continue
             if not frozen or "lora_" in rest or rest.startswith(prefixes):
                 out.append(k)
         return out

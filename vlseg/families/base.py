@@ -11,6 +11,9 @@ from typing import TYPE_CHECKING, Any
 from ..config import ModelConfig
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import numpy as np
     import torch
 
     from ..model import VLSegModel
@@ -62,6 +65,13 @@ class Family:
     def describe(self, config: ModelConfig) -> str:
         """What ``vlseg models`` prints about a preset of this family."""
         return f"{config.source or ''}  {self.summary}".strip()
+
+    def track_video(self, model: VLSegModel, frames: Iterator[np.ndarray], prompts: list[str], threshold: float = 0.5,
+                    **options: Any) -> Iterator[dict[str, Any]]:
+        """Families with ``capabilities.video_tracking``: segment a stream of (H, W, 3) uint8 frames, objects
+        tracked from frame to frame, yielding per frame (in order) ``{"index": t, "masks": (K, H, W) bool,
+        "objects": [per prompt {"ids", "scores", "boxes", "masks"}]}``. ``vlseg.segment_video`` calls it."""
+        raise NotImplementedError(f"the {self.name!r} family does not track objects in videos")
 
     def migrate_state_dict(self, state: dict[str, torch.Tensor], config_version: int) -> dict[str, torch.Tensor]:
         """Rename tensors of checkpoints written by an older vlseg (``config_version`` of the file)."""
