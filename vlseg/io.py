@@ -35,6 +35,8 @@ def to_uint8_rgb(arr: np.ndarray, name: str = "image") -> np.ndarray:
         raise ValueError(f"{name}: expected an (H, W) or (H, W, 1|3|4) image, got shape {arr.shape}")
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         raise ValueError(f"{name}: image is too small ({arr.shape[0]}x{arr.shape[1]})")
+    if not (arr.dtype == bool or np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"{name}: pixel type {arr.dtype} is not an image type (bool, integer or float)")
     if arr.dtype == bool:
         arr = arr.astype(np.uint8) * 255
     if arr.dtype != np.uint8:
@@ -60,7 +62,9 @@ def to_uint8_rgb(arr: np.ndarray, name: str = "image") -> np.ndarray:
 
 
 def read_image(image: ImageInput) -> tuple[np.ndarray, ImageMeta]:
-    """Path / PIL image / numpy array -> ((H, W, 3) uint8, meta). Raises ValueError naming the bad input."""
+    """Path / PIL image / numpy array -> ((H, W, 3) uint8, meta). Raises ValueError naming the bad input (a
+    missing, unreadable, truncated or oversized file, a bad shape, NaN/inf values), TypeError for arrays whose
+    pixel type is not bool, integer or float."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(image, (str, os.PathLike)):
@@ -82,7 +86,10 @@ def read_image(image: ImageInput) -> tuple[np.ndarray, ImageMeta]:
             with Image.open(path) as im:
                 im.load()
                 arr = _pil_to_array(im)
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        except Image.DecompressionBombError as e:  # a header claiming more pixels than PIL's limit
+            raise ValueError(f"Image file {path} is too large to decode safely: {e} Raise PIL.Image.MAX_IMAGE_PIXELS "
+                             "if the file is trusted.") from e
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:  # what PIL raises
             raise ValueError(f"Unreadable or truncated image file {path}: {e}") from e
         out = to_uint8_rgb(arr, str(path))
         return out, ImageMeta(source=str(path), original_size=out.shape[:2])
@@ -106,12 +113,14 @@ def _pil_to_array(im: Any) -> np.ndarray:
 
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm")
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 
 
 @dataclass(frozen=True)
 class InputItem:
-    """One input found by ``find_inputs``: ``kind`` is ``image`` or ``volume`` (NIfTI file or DICOM series
-    folder); ``stem`` is a file-name-safe name for its outputs, unique within the search."""
+    """One input found by ``find_inputs``: ``kind`` is ``image``, ``volume`` (NIfTI file or DICOM series
+    folder) or ``video`` (a video file); ``stem`` is a file-name-safe name for its outputs, unique within the
+    search."""
 
     kind: str
     path: Path
@@ -127,14 +136,14 @@ def _safe_stem(parts: tuple[str, ...]) -> str:
 
 def _strip_ext(name: str) -> str:
     low = name.lower()
-    for ext in (".nii.gz", ".nii") + IMAGE_EXTS:
+    for ext in (".nii.gz", ".nii") + IMAGE_EXTS + VIDEO_EXTS:
         if low.endswith(ext):
             return name[: -len(ext)]
     return name
 
 
 def find_inputs(paths: list[str | os.PathLike[str]]) -> list[InputItem]:
-    """Images, NIfTI volumes and DICOM series under ``paths`` (files or folders, searched recursively), in a stable
+    """Images, videos, NIfTI volumes and DICOM series under ``paths`` (files or folders, searched recursively), in a stable
     order. Raises FileNotFoundError for a missing path and ValueError for a folder with nothing to segment or two
     inputs that would write the same output names."""
     from .data.clinical import is_dicom_series, is_volume_path
@@ -148,22 +157,24 @@ def find_inputs(paths: list[str | os.PathLike[str]]) -> list[InputItem]:
             if is_dicom_series(p):
                 out.append(InputItem("volume", p, _safe_stem((p.name,))))
                 continue
-            found = [f for f in sorted(p.rglob("*")) if f.is_file() and (is_volume_path(f) or
-                                                                          f.suffix.lower() in IMAGE_EXTS)]
+            found = [f for f in sorted(p.rglob("*")) if f.is_file() and (
+                is_volume_path(f) or f.suffix.lower() in IMAGE_EXTS + VIDEO_EXTS)]
             if not found:
-                raise ValueError(f"no images, DICOM or NIfTI files in {p}")
+                raise ValueError(f"no images, videos, DICOM or NIfTI files in {p}")
             for f in found:
                 rel = f.relative_to(p)
-                kind = "volume" if is_volume_path(f) else "image"
+                kind = "volume" if is_volume_path(f) else "video" if f.suffix.lower() in VIDEO_EXTS else "image"
                 out.append(InputItem(kind, f, _safe_stem(rel.parts[:-1] + (_strip_ext(rel.name),))))
         elif is_volume_path(p):
             out.append(InputItem("volume", p, _safe_stem((_strip_ext(p.name),))))
         elif p.suffix.lower() in IMAGE_EXTS:
             out.append(InputItem("image", p, _safe_stem((_strip_ext(p.name),))))
+        elif p.suffix.lower() in VIDEO_EXTS:
+            out.append(InputItem("video", p, _safe_stem((_strip_ext(p.name),))))
         else:
-            raise ValueError(f"unsupported input {p} (images: {', '.join(IMAGE_EXTS)}, NIfTI .nii/.nii.gz, "
-                             "DICOM series folders)")
-    stems = [i.stem for i in out]
+            raise ValueError(f"unsupported input {p} (images: {', '.join(IMAGE_EXTS)}, videos: "
+                             f"{', '.join(VIDEO_EXTS)}, NIfTI .nii/.nii.gz, DICOM series folders)")
+    stems = [i.stem.lower() for i in out]  # case-insensitive: 'A.png' and 'a.png' clash on macOS/Windows disks
     dup = sorted({s for s in stems if stems.count(s) > 1})
     if dup:
         raise ValueError(f"two inputs would write the same output names ({dup[0]!r}); give them different names")
@@ -183,9 +194,15 @@ def iter_images(paths: list[str | os.PathLike[str]], workers: int = 0) -> Any:
         def __len__(self) -> int:
             return len(paths)
 
-        def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
-            return i, read_image(paths[i])[0]
+        def __getitem__(self, i: int) -> tuple[int, np.ndarray | Exception]:
+            try:
+                return i, read_image(paths[i])[0]
+            except (ValueError, TypeError) as e:  # raised in the caller's process, message intact (see below)
+                return i, e
 
     loader = DataLoader(_Files(), batch_size=None, num_workers=workers, collate_fn=lambda x: x,
                         prefetch_factor=4)
-    yield from loader
+    for i, arr in loader:
+        if isinstance(arr, Exception):  # DataLoader would replace the message naming the file with its own
+            raise arr
+        yield i, arr

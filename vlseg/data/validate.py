@@ -27,7 +27,9 @@ def read_mask(path: str | Path, image_size: tuple[int, int] | None = None, binar
         with Image.open(p) as im:
             im.load()
             arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise DataError(f"Mask file {p} is too large to decode safely: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"Unreadable or truncated mask file {p}: {e}") from e
     if arr.ndim == 3:
         if not (arr[..., :3] == arr[..., :1]).all():
