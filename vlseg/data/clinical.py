@@ -91,7 +91,8 @@ def read_dicom(path: str | Path, win: str | tuple[float, float] | None = "auto")
         raise ValueError(f"Unreadable DICOM file {p}: {e}") from e
     values = modality_values(ds, raw)
     if raw.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
-        raise ValueError(f"{p} is a multi-frame DICOM ({raw.shape[0]} frames); read it with read_dicom_series")
+        raise ValueError(f"{p} is a multi-frame DICOM ({raw.shape[0]} frames), which vlseg does not read; "
+                         "export it as one file per slice (a series folder, read with read_dicom_series)")
     if raw.ndim == 3:  # RGB (e.g. endoscopy stored as DICOM)
         img = raw.astype(np.uint8) if raw.dtype == np.uint8 else to_uint8(values)
     else:
@@ -121,36 +122,147 @@ def _file_window(ds: Any) -> tuple[float, float] | None:
     return first(c), first(w)
 
 
-def read_dicom_series(folder: str | Path, win: str | tuple[float, float] | None = None) -> Volume:
-    """A folder of single-slice DICOM files -> Volume (rows, cols, slices) of modality values, sorted along the
-    slice normal, with (row, col, slice) spacing and an affine built from the DICOM geometry."""
+def read_dicom_series(folder: str | Path, win: str | tuple[float, float] | None = None, bad_slices: str = "raise",
+                      spacing_tolerance: float = 0.01) -> Volume:
+    """A folder of single-slice DICOM files (at any depth; hidden files ignored) -> Volume (rows, cols, slices) of
+    modality values, sorted along the slice normal, with (row, col, slice) spacing and an affine built from the
+    DICOM geometry.
+
+    The geometry is checked, never guessed: the files must be slices of one series (one SeriesInstanceUID,
+    orientation and slice size) at evenly spaced positions, so no slice can land at the wrong place.
+
+    Args:
+        folder: the series folder.
+        win: window the values to uint8 (a preset name or (center, width)); None keeps modality values.
+        bad_slices: ``"raise"`` (default): an unreadable or corrupt file, or a missing slice (a gap of a whole
+            number of spacings), raises DataError naming the file(s). ``"fill"``: such slices become blank slices
+            (the volume's minimum) at their positions, with a warning, so every other slice keeps its true
+            position; their indices are in ``meta["filled_slices"]`` (masks there mean nothing). A file whose
+            header cannot be read has no known position: it is dropped, and the gap it leaves is filled.
+        spacing_tolerance: positions may deviate from the regular grid by this fraction of the spacing.
+    Returns:
+        Volume with ``meta["files"]`` (the file of each slice, None for filled ones) and ``meta["filled_slices"]``.
+    Raises:
+        DataError: no readable slices; mixed series, orientations or sizes; two slices at one position; uneven
+            spacing that is not a whole number of missing slices; a bad or missing slice (``bad_slices="raise"``).
+    """
+    import warnings
+
+    from .validate import DataError
+
+    if bad_slices not in ("raise", "fill"):
+        raise ValueError(f"bad_slices must be 'raise' or 'fill', got {bad_slices!r}")
     pydicom = _need("pydicom")
-    files = sorted(Path(folder).glob("*"))
-    slices = []
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"DICOM series folder not found: {root}")
+    files = sorted(f for f in root.rglob("*") if f.is_file() and not any(
+        part.startswith(".") for part in f.relative_to(root).parts))
+    good: list[tuple[Path, Any, np.ndarray]] = []
+    broken: list[tuple[Path, Any, str]] = []  # (file, header or None, why)
     for f in files:
-        if f.is_file():
-            try:
-                slices.append(pydicom.dcmread(str(f)))
-            except Exception:
-                continue
-    if not slices:
-        raise ValueError(f"No readable DICOM files in {folder}")
-    orient = np.array(getattr(slices[0], "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+        ds = None
+        try:
+            ds = pydicom.dcmread(str(f))
+            raw = ds.pixel_array
+        except Exception as e:  # pydicom raises many types (InvalidDicomError, AttributeError, ValueError, ...)
+            broken.append((f, ds, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+            continue
+        if raw.ndim != 2:
+            raise DataError(f"{f} is not a single-slice greyscale DICOM (pixel array {raw.shape}); a series folder "
+                            "holds one file per slice")
+        good.append((f, ds, raw))
+    if broken and bad_slices == "raise":
+        f, _, why = broken[0]
+        raise DataError(f"{f} is not a readable DICOM slice ({why}); {len(broken)} such file(s) in {root}. Remove "
+                        "them, or pass bad_slices='fill' to put blank slices in their place")
+    if not good:
+        raise DataError(f"No readable DICOM slices in {root}")
+    f0, ref, raw0 = good[0]
+    uids = sorted({str(getattr(ds, "SeriesInstanceUID", "")) for _, ds, _ in good})  # "": no UID
+    if len(uids) > 1:
+        raise DataError(f"{root} mixes {len(uids)} DICOM series (SeriesInstanceUID {uids[:3]}); put each series "
+                        "in its own folder")
+    orient = np.array(getattr(ref, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+    for f, ds, raw in good[1:]:
+        if raw.shape != raw0.shape:
+            raise DataError(f"{f} is {raw.shape[1]}x{raw.shape[0]} pixels but {f0} is {raw0.shape[1]}x{raw0.shape[0]}; "
+                            "a series has one slice size")
+        o = np.array(getattr(ds, "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+        if not np.allclose(o, orient, atol=1e-4):
+            raise DataError(f"{f} has ImageOrientationPatient {o.tolist()} but {f0} has {orient.tolist()}")
     normal = np.cross(orient[:3], orient[3:])
-    pos = lambda s: float(np.dot(normal, np.array(getattr(s, "ImagePositionPatient", [0, 0, 0]), float)))  # noqa: E731
-    slices.sort(key=lambda s: (pos(s), int(getattr(s, "InstanceNumber", 0))))
-    data = np.stack([modality_values(s, s.pixel_array) for s in slices], axis=-1)
-    ps = [float(x) for x in getattr(slices[0], "PixelSpacing", [1, 1])]
-    dz = abs(pos(slices[1]) - pos(slices[0])) if len(slices) > 1 else float(getattr(slices[0], "SliceThickness", 1))
+    has_pos = [hasattr(ds, "ImagePositionPatient") for _, ds, _ in good]
+    by_position = len(good) == 1 or all(has_pos)
+    if not by_position:
+        if any(has_pos):
+            f = next(g[0] for g, h in zip(good, has_pos) if not h)
+            raise DataError(f"{f} has no ImagePositionPatient while other slices of {root} do; its place is unknown")
+        nums = [getattr(ds, "InstanceNumber", None) for _, ds, _ in good]
+        if None in nums or len(set(nums)) != len(nums):
+            raise DataError(f"The slices in {root} have neither ImagePositionPatient nor distinct InstanceNumbers; "
+                            "their order is unknown")
+        dz0 = float(getattr(ref, "SpacingBetweenSlices", 0) or getattr(ref, "SliceThickness", 0) or 1.0)
+        warnings.warn(f"{root}: no ImagePositionPatient; slices ordered by InstanceNumber, spacing {dz0} mm from "
+                      "SpacingBetweenSlices/SliceThickness (gaps cannot be detected)", stacklevel=2)
+        positions = {id(ds): float(n) * dz0 for (_, ds, _), n in zip(good, nums)}
+        pos = lambda s: positions[id(s)]  # noqa: E731
+    else:
+        pos = lambda s: float(np.dot(normal, np.array(getattr(s, "ImagePositionPatient", [0, 0, 0]), float)))  # noqa: E731
+    # slices whose pixels are unreadable but whose header gives a position are filled where they belong
+    entries = [(pos(ds), f, ds, raw) for f, ds, raw in good]
+    entries += [(pos(ds), f, ds, None) for f, ds, _ in broken
+                if by_position and ds is not None and hasattr(ds, "ImagePositionPatient")]
+    entries.sort(key=lambda e: e[0])
+    zs = np.array([e[0] for e in entries])
+    layout: list[tuple[Path | None, Any, np.ndarray | None]] = [(entries[0][1], entries[0][2], entries[0][3])]
+    if len(entries) > 1:
+        d = np.diff(zs)
+        step = float(d.min())
+        if step <= 1e-6:
+            i = int(np.argmin(d))
+            raise DataError(f"{entries[i][1]} and {entries[i + 1][1]} are at the same position ({zs[i]:.3f} mm); "
+                            "a series has one slice per position")
+        n = np.rint(d / step)
+        off = np.abs(d - n * step)
+        if (off > spacing_tolerance * step).any():
+            i = int(np.argmax(off))
+            raise DataError(f"Uneven slice spacing in {root}: {entries[i][1].name} -> {entries[i + 1][1].name} is "
+                            f"{d[i]:.4g} mm, the spacing is {step:.4g} mm (gaps {sorted({round(float(x), 4) for x in d})}"
+                            "); such a series has no regular grid. Resample it to even spacing first")
+        if (n > 1).any() and bad_slices == "raise":
+            i = int(np.argmax(n > 1))
+            raise DataError(f"{int((n - 1).sum())} missing slice(s) in {root}: {entries[i][1].name} "
+                            f"({zs[i]:.4g} mm) is followed by {entries[i + 1][1].name} ({zs[i + 1]:.4g} mm), {d[i]:.4g} "
+                            f"mm apart; the spacing is {step:.4g} mm. Pass bad_slices='fill' to put blank slices in "
+                            "the gaps")
+        for (_, f, ds, raw), gap in zip(entries[1:], n):
+            layout += [(None, None, None)] * (int(gap) - 1) + [(f, ds, raw)]
+    else:
+        step = float(getattr(ref, "SpacingBetweenSlices", 0) or getattr(ref, "SliceThickness", 0) or 1.0)
+    values = [None if raw is None else modality_values(ds, raw) for _, ds, raw in layout]
+    fill = min(float(v.min()) for v in values if v is not None)
+    filled = [i for i, v in enumerate(values) if v is None]
+    if filled or broken:
+        parts = [f"{len(filled)} blank slice(s) at indices {filled[:20]} stand in for unreadable or missing slices"
+                 ] if filled else []
+        if broken:
+            parts.append(f"unreadable file(s) skipped: {', '.join(str(f) for f, _, _ in broken[:10])}")
+        warnings.warn(f"{root} (bad_slices='fill'): " + "; ".join(parts), stacklevel=2)
+    data = np.stack([np.full(raw0.shape, fill, np.float32) if v is None else v for v in values], axis=-1)
+    ps = [float(x) for x in getattr(ref, "PixelSpacing", [1, 1])]
+    first = layout[0][1]
     affine = np.eye(4)
     affine[:3, 0] = orient[3:] * ps[0]  # rows advance along the column direction cosine
     affine[:3, 1] = orient[:3] * ps[1]
-    affine[:3, 2] = normal * (dz or 1.0)
-    affine[:3, 3] = np.array(getattr(slices[0], "ImagePositionPatient", [0, 0, 0]), float)
+    affine[:3, 2] = normal * step
+    affine[:3, 3] = np.array(getattr(first, "ImagePositionPatient", [0, 0, 0]), float)
     if win is not None:
         data = to_uint8(data, win)
-    return Volume(data=data, affine=affine, spacing=(ps[0], ps[1], dz or 1.0),
-                  meta={"modality": str(getattr(slices[0], "Modality", "")), "source": str(folder)}, space="LPS")
+    return Volume(data=data, affine=affine, spacing=(ps[0], ps[1], step),
+                  meta={"modality": str(getattr(ref, "Modality", "")), "source": str(folder),
+                        "files": [None if f is None else str(f) for f, _, _ in layout], "filled_slices": filled},
+                  space="LPS")
 
 
 def read_nifti(path: str | Path) -> Volume:
