@@ -95,13 +95,30 @@ def write_checkpoint(directory: str | os.PathLike[str], model_config: dict[str, 
         save_file(tensors, tmp_w, metadata={"format": "pt", "vlseg_version": __version__})
         with open(tmp_c, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
+        for t in (tmp_w, tmp_c):  # on disk before the renames, so a power cut cannot leave empty files behind them
+            _fsync(t)
         os.replace(tmp_w, path / WEIGHTS_NAME)
         os.replace(tmp_c, cfg_file)
+        _fsync(path)
     finally:
         for t in (tmp_w, tmp_c):
             if os.path.exists(t):
                 os.unlink(t)
     return str(path)
+
+
+def _fsync(path: str | os.PathLike[str]) -> None:
+    """Flush a file's (or a folder's entries') data to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on Windows; nothing to flush there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems do not support fsync on folders
+        pass
+    finally:
+        os.close(fd)
 
 
 def _read_json(p: Path) -> dict[str, Any]:
@@ -172,6 +189,10 @@ def read_checkpoint(source: str | os.PathLike[str], revision: str | None = None)
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {e}") from e
+    nan = [k for k, v in state.items() if v.is_floating_point() and bool(torch.isnan(v).any())]
+    if nan:  # e.g. saved after training diverged: every mask would silently come out empty
+        raise CheckpointError(f"{weights} holds NaN values in {len(nan)} tensor(s), e.g. {nan[:3]}; it cannot "
+                              "give meaningful masks (did training diverge?)")
     return Checkpoint(folder=folder, meta=meta, model=meta["model"], state=state,
                       bundled=bool(meta.get("bundled_encoders")))
 
