@@ -122,7 +122,8 @@ def require_safetensors(folder: Path, what: str) -> None:
         raise SourceError(
             f"{what} at {folder} holds only pickle weights ({', '.join(pickles)}); vlseg never unpickles files. "
             "Convert them once in a trusted environment, e.g. `Model.from_pretrained(folder).save_pretrained(out, "
-            "safe_serialization=True)` with transformers, and point vlseg at `out`.")
+            "safe_serialization=True)` with transformers, or `safetensors.torch.save_file(torch.load(file, "
+            "weights_only=True), 'model.safetensors')` for a plain state dict, and point vlseg at the result.")
 
 
 def download_hint(name: str, err: BaseException) -> SourceError:

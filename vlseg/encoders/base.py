@@ -73,12 +73,18 @@ class TextEncoder(_Encoder):
 
     def warn_truncated(self, texts: Sequence[str]) -> None:
         """Warn when a prompt is longer than ``info.max_length`` tokens (the tokenizer cuts it to fit). Only texts
-        long enough to possibly exceed the limit are counted (a token covers at least one byte)."""
+        long enough to possibly exceed the limit are counted (a token covers at least one byte). Raises ValueError
+        for text that is not valid Unicode (lone surrogates), which no tokenizer can encode."""
         from .tokenizers import count_tokens
 
         limit = self.info.max_length
         for i, t in enumerate(texts):
-            if len(t.encode("utf-8")) + 2 <= limit:
+            try:
+                n_bytes = len(t.encode("utf-8"))
+            except UnicodeEncodeError as e:  # lone surrogates (e.g. from a bad decode): no tokenizer takes them
+                raise ValueError(f"Prompt {t[:40]!r} is not valid Unicode text ({e.reason} at position "
+                                 f"{e.start})") from e
+            if n_bytes + 2 <= limit:
                 continue
             n = count_tokens(getattr(self, "tokenizer", None), t)
             if n > limit:

@@ -5,6 +5,7 @@ Weights are read from safetensors only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,11 +36,11 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
                          "'arch' with a model_cfg")
     want = cfg.weights_source is not None and load_weights
     where = cfg.weights_source or cfg.name  # where the config (and the weights) come from
-    name, tag = cfg.name, None
+    name, tag, weights = cfg.name, None, None
     if where.startswith("hf-hub:") or os.path.isdir(where):  # a folder in open_clip's layout, local or on the Hub
         folder = resolve_folder(parse_source(where, revision=cfg.revision, bare_hub_ids=False))
         if want:
-            require_safetensors(folder, f"open_clip model {where!r}")
+            weights = _folder_weights(folder, f"open_clip model {where!r}")
         name = f"local-dir:{folder}"
     elif want:  # a built-in name and a pretrained tag (or a safetensors file)
         if not isinstance(cfg.pretrained, str):
@@ -47,7 +48,12 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
                              f"{open_clip.list_pretrained_tags_by_model(name)}")
         tag = _builtin_weights(cfg.name, cfg.pretrained, cfg.revision)
     try:
-        model = open_clip.create_model(name, pretrained=tag, load_weights=want, pretrained_text=want)
+        if weights is not None:  # load the safetensors file ourselves: open_clip would pick a .bin in the folder first
+            with _quiet_open_clip():
+                model = open_clip.create_model(name, load_weights=False, pretrained_text=False)
+            open_clip.load_checkpoint(model, weights)
+        else:
+            model = open_clip.create_model(name, pretrained=tag, load_weights=want, pretrained_text=want)
         tokenizer = open_clip.get_tokenizer(name)
     except (SourceError, ValueError):
         raise
@@ -57,6 +63,36 @@ def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any
     pp.setdefault("mean", CLIP_MEAN)
     pp.setdefault("std", CLIP_STD)
     return model, tokenizer, pp
+
+
+#: weight files of an open_clip folder, in open_clip's order of preference (its pickle names left out)
+FOLDER_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors")
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Any:
+    """Hide open_clip's "No pretrained weights loaded ... initialized randomly" while building an architecture whose
+    weights are loaded right after (the message would be false)."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _folder_weights(folder: Path, what: str) -> str:
+    """The safetensors weights of an open_clip folder; a folder with only pickles is refused."""
+    require_safetensors(folder, what)
+    found = [folder / n for n in FOLDER_WEIGHTS if (folder / n).is_file()] or sorted(folder.glob("*.safetensors"))
+    if not found:
+        raise SourceError(f"{what} at {folder} holds no weights (*.safetensors)")
+    return str(found[0])
 
 
 def _builtin_weights(name: str, tag: str, revision: str | None) -> str:
