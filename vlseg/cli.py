@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +67,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
             mine = list(part)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(threshold=args.threshold, presence_threshold=args.presence_threshold, batch_size=args.batch_size)
-    written = _segment_images(model, [i for i in mine if i.kind == "image"], args, names, out, kw, state)
-    for item in (i for i in mine if i.kind == "volume"):
-        vm = vlseg.segment_volume(model, item.path, args.prompt, axis=args.axis, window=args.window, **kw)
-        for k, target in enumerate(outputs_for(item, names, out)):
-            vm.save(k, target, overwrite=True)
-            written += 1
+    # Outputs are written to a hidden staging folder inside `out` and moved into `out` only when every input of this
+    # process is done: a run that fails (a corrupt input, a full disk, Ctrl-C) leaves no partial or half-written files.
+    stage = Path(tempfile.mkdtemp(prefix=".vlseg-partial-", dir=out))
+    try:
+        written = _segment_images(model, [i for i in mine if i.kind == "image"], args, names, stage, kw, state)
+        for item in (i for i in mine if i.kind == "volume"):
+            vm = vlseg.segment_volume(model, item.path, args.prompt, axis=args.axis, window=args.window, **kw)
+            for k, target in enumerate(outputs_for(item, names, stage)):
+                vm.save(k, target, overwrite=True)
+                written += 1
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     total = written
     if state is not None:
         from accelerate.utils import gather_object
