@@ -152,6 +152,12 @@ def from_manifest(path: str | Path, root: str | Path | None = None, split: str |
             v = row.get(k)
             if (k == "image" or v is not None) and not (isinstance(v, str) and (v or k == "mask")):
                 raise DataError(f"{p}: row {n}: {k!r} must be a non-empty string, got {v!r}")
+        names, spacing = row.get("class_names"), row.get("spacing")
+        if names is not None and not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
+            raise DataError(f"{p}: row {n}: 'class_names' must be a non-empty list of strings, got {names!r}")
+        if spacing not in (None, "") and not (isinstance(spacing, list) and len(spacing) in (2, 3) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in spacing)):
+            raise DataError(f"{p}: row {n}: 'spacing' must be 2 or 3 positive numbers (mm), got {spacing!r}")
         if split is not None and row.get("split") != split:
             continue
         if datasets is not None and row.get("dataset") not in datasets:
