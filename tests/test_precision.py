@@ -170,6 +170,9 @@ def test_auto_picks_the_fastest_passing_mode(clipseg, tmp_path, monkeypatch):
     speed = {"fp32": 1.0, "bf16": 0.5, "int8": 0.3}
     monkeypatch.setattr(P, "_timings", lambda fns, repeats, device: {m: speed[m] for m in fns})
     assert P.resolve(clipseg, "auto") == "int8"
+    monkeypatch.setattr(P, "calibrate", None)  # remembered: no second calibration, not even a cache read
+    assert P.resolve(clipseg, "auto") == "int8"
+    P._RESOLVED.pop(clipseg)
 
 
 def test_auto_never_picks_a_mode_that_fails_the_bar(clipseg, tmp_path, monkeypatch):
@@ -194,6 +197,7 @@ def test_auto_falls_back_to_fp32(tiny, tmp_path, monkeypatch):
         raise RuntimeError("no int8 kernels")
 
     monkeypatch.setattr(P, "calibrate", broken)
+    P._RESOLVED.pop(tiny, None)
     assert P.resolve(tiny, "auto") == "fp32"
 
 

@@ -295,6 +295,7 @@ def _weights_signature(model: VLSegModel) -> tuple:
 
 
 _VARIANTS: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, VLSegModel]]] = weakref.WeakKeyDictionary()
+_RESOLVED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]] = weakref.WeakKeyDictionary()
 _LOCK = threading.RLock()
 
 
@@ -306,7 +307,7 @@ def _build_variant(model: VLSegModel, mode: str) -> VLSegModel:
     if "family" in inspect.signature(cls.__init__).parameters:
         kwargs["family"] = model.family
     v = cls(model.config, image, text, model.decoder, model.processor, **kwargs)
-    v.eval()
+    v.training = False  # not v.eval(): that would also switch the shared decoder of a model being trained
     v.precision = mode  # type: ignore[assignment]  (read by benchmarks and logs)
     return v
 
@@ -317,7 +318,9 @@ def variant(model: VLSegModel, mode: str) -> VLSegModel:
 
     The variant shares the decoder, processor and config with ``model`` and holds converted copies of the encoders
     (LoRA merged). It has its own prompt cache. It is rebuilt when the encoder weights change or the model moves to
-    another device. Safe to call, and to use the result, from several threads.
+    another device. Safe to call, and to use the result, from several threads. It is for inference: running it
+    (``vlseg.segment``) puts the shared decoder in eval mode, as running the model does; call ``model.train()``
+    to resume training.
 
     Args:
         model: a VLSegModel.
@@ -654,15 +657,22 @@ def resolve(model: VLSegModel, precision: str = "auto", device: str | torch.devi
             warnings.warn(f"{precision} is not native on this {dev.type} ({machine_info(dev).describe(dev)}): it "
                           "runs emulated and is likely slower than fp32", stacklevel=2)
         return precision
+    # remembered per model until its weights change, so calling resolve before every segment() costs nothing
+    sig = (str(dev), _weights_signature(model), tuple((p.data_ptr(), p._version) for p in model.decoder.parameters()))
+    with _LOCK:
+        memo = _RESOLVED.get(model)
+    if memo is not None and memo[0] == sig:
+        return memo[1]
     try:
         family_modes = getattr(getattr(model, "family", None), "precision_modes", None)
         modes = [m for m in available_modes(dev) if family_modes is None or m in family_modes]
-        if modes == ["fp32"]:
-            return "fp32"
-        return calibrate(model, device=dev, modes=modes).chosen
+        chosen = "fp32" if modes == ["fp32"] else calibrate(model, device=dev, modes=modes).chosen
     except Exception as e:  # noqa: BLE001  (auto must never break inference)
         logger.warning("precision='auto' fell back to fp32: %s: %s", type(e).__name__, e)
         return "fp32"
+    with _LOCK:
+        _RESOLVED[model] = (sig, chosen)
+    return chosen
 
 
 __all__ = [
