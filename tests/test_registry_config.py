@@ -15,7 +15,8 @@ def test_presets_listed():
     names = vlseg.list_models()
     for p in PRESETS:
         assert p in names
-    assert vlseg.list_models("biomed*") == ["biomedclip-film", "biomedclip-xattn"]
+    assert {"biomedclip-film", "biomedclip-xattn"} <= set(vlseg.list_models("biomed*"))
+    assert all(n.startswith("biomed") for n in vlseg.list_models("biomed*"))
 
 
 def test_unknown_model_name_suggests_close_matches():

@@ -54,7 +54,7 @@ class Checkpoint:
 
 def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing memory (tied weights): clone the repeats."""
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, Any]] = set()
     out = {}
     for k, v in state.items():
         v = v.detach().cpu()

@@ -4,6 +4,7 @@ PeftModel, so attribute paths (``model.decoder``) stay stable and checkpoints st
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from torch import nn
 
@@ -49,7 +50,7 @@ def merge_lora(module: nn.Module) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     merged = 0
-    tops: list[tuple[str, nn.Module]] = []
+    tops: list[tuple[str, Any]] = []  # peft tuner layers (nn.Modules with merge / get_base_layer)
     for name, child in module.named_modules():
         # LoRA on nn.MultiheadAttention nests a LoRA out_proj inside; the outer layer merges both.
         if isinstance(child, BaseTunerLayer) and not any(name.startswith(t + ".") for t, _ in tops):

@@ -72,5 +72,5 @@ class SegmentationLoss(nn.Module):
         if presence is not None and self.w["presence"]:
             present = (target.flatten(-2).amax(-1) > 0).float()
             parts["presence"] = F.binary_cross_entropy_with_logits(presence.float(), present)
-        total = sum(self.w[k] * v for k, v in parts.items())
+        total = torch.stack([self.w[k] * v for k, v in parts.items()]).sum() if parts else logits.sum() * 0
         return total, {k: float(v.detach()) for k, v in parts.items()}

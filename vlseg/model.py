@@ -22,6 +22,7 @@ from .config import LoraSpec, ModelConfig
 from .decoders.base import FusionDecoder
 from .encoders.base import ImageEncoder, TextEncoder
 from .features import BoxPrompts, ImageFeatures, QueryOutputs, TextFeatures
+from .lora import has_lora
 from .processing import ImageProcessor
 
 if TYPE_CHECKING:
@@ -50,14 +51,13 @@ def normalize_prompts(prompts: Prompts, batch_size: int, allow_empty: bool = Fal
     ``prompts`` is one string, K strings shared by the batch, or B lists of K strings each. Empty strings are
     rejected unless ``allow_empty`` (the p0 "no text" level used in training and ablations).
     """
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
+    items: list[Any] = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not items:
         raise ValueError("No prompts given: pass at least one prompt string, e.g. ['polyp']")
-    if all(isinstance(p, str) for p in prompts):
-        _check_strings(prompts, allow_empty)
-        return prompts * batch_size if batch_size > 1 else prompts, len(prompts), True
+    if all(isinstance(p, str) for p in items):
+        _check_strings(items, allow_empty)
+        return items * batch_size if batch_size > 1 else items, len(items), True
+    prompts = items
     if not all(isinstance(p, (list, tuple)) for p in prompts):
         raise TypeError("prompts must be a string, a list of strings, or one list of strings per image")
     if len(prompts) != batch_size:
@@ -101,6 +101,7 @@ class VLSegModel(nn.Module):
         self.decoder = decoder
         self.processor = processor
         self._text_cache: OrderedDict[str, TextFeatures] = OrderedDict()
+        self._frozen_text_cache: OrderedDict[str, TextFeatures] = OrderedDict()  # training: the fixed part
         self._cache_lock = threading.Lock()
         self.stats = {"image_encoder_calls": 0, "text_encoder_calls": 0, "text_cache_hits": 0}
         self.freeze_encoders()
@@ -133,7 +134,7 @@ class VLSegModel(nn.Module):
         setattr(self.config, f"freeze_{which}", False)
         self.train(self.training)
 
-    def _towers(self) -> list[tuple[nn.Module, bool]]:
+    def _towers(self) -> list[tuple[Any, bool]]:
         """(encoder, frozen) for the image and the text tower."""
         return [(self.image_encoder, self.config.freeze_image), (self.text_encoder, self.config.freeze_text)]
 
@@ -148,12 +149,14 @@ class VLSegModel(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         self._text_cache.clear()  # device/dtype changes invalidate cached embeddings
+        self._frozen_text_cache.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def clear_cache(self) -> None:
         """Drop cached prompt embeddings (call after changing text-encoder weights by hand)."""
         with self._cache_lock:
             self._text_cache.clear()
+            self._frozen_text_cache.clear()
 
     # ---------------------------------------------------------------- stages
     def encode_image(self, pixel_values: Tensor) -> ImageFeatures:
@@ -163,36 +166,46 @@ class VLSegModel(nn.Module):
         return self.image_encoder(pixel_values, self.decoder.layers)
 
     def encode_text(self, prompts: Sequence[str]) -> TextFeatures:
-        """K strings -> TextFeatures (K, ...). Repeated prompts are encoded once; at inference (eval mode and no
-        gradient) embeddings come from an LRU cache keyed by the prompt string."""
+        """K strings -> TextFeatures (K, ...). Repeated prompts are encoded once. At inference (eval mode and no
+        gradient) embeddings come from an LRU cache keyed by the prompt string; in training, a frozen text tower
+        without LoRA caches its fixed part the same way and only its trainable head (``project``) runs."""
         unique = list(dict.fromkeys(prompts))
         order = {p: i for i, p in enumerate(unique)}
-        if self.training or torch.is_grad_enabled():
-            feats = self._run_text_encoder(unique)
+        if not (self.training or torch.is_grad_enabled()):
+            feats = self._cached(unique, self._text_cache, lambda ps: self._run_text_encoder(ps))
+        elif self.config.freeze_text and not has_lora(self.text_encoder):
+            with torch.no_grad():
+                fixed = self._cached(unique, self._frozen_text_cache, lambda ps: self._run_text_encoder(ps, True))
+            feats = self.text_encoder.project(fixed)
         else:
-            cache = self._text_cache
-            with self._cache_lock:
-                found = {p: cache[p] for p in unique if p in cache}
-            missing = [p for p in unique if p not in found]
-            self.stats["text_cache_hits"] += len(unique) - len(missing)
-            if missing:  # encoded outside the lock: concurrent callers may both encode a new prompt (same result)
-                found.update(zip(missing, self._run_text_encoder(missing).trimmed()))
-            with self._cache_lock:
-                for p in unique:
-                    cache[p] = found[p]
-                    cache.move_to_end(p)
-                while len(cache) > self.text_cache_size:
-                    cache.popitem(last=False)
-            feats = TextFeatures.cat([found[p] for p in unique])
+            feats = self._run_text_encoder(unique)
         if len(unique) == len(prompts):
             return feats
         return feats.index([order[p] for p in prompts])
 
-    def _run_text_encoder(self, prompts: list[str]) -> TextFeatures:
+    def _cached(self, unique: list[str], cache: OrderedDict[str, TextFeatures],
+                encode: Any) -> TextFeatures:
+        """Features of ``unique`` prompts from ``cache`` (LRU), encoding the missing ones."""
+        with self._cache_lock:
+            found = {p: cache[p] for p in unique if p in cache}
+        missing = [p for p in unique if p not in found]
+        self.stats["text_cache_hits"] += len(unique) - len(missing)
+        if missing:  # encoded outside the lock: concurrent callers may both encode a new prompt (same result)
+            found.update(zip(missing, encode(missing).trimmed()))
+        with self._cache_lock:
+            for p in unique:
+                cache[p] = found[p]
+                cache.move_to_end(p)
+            while len(cache) > self.text_cache_size:
+                cache.popitem(last=False)
+        return TextFeatures.cat([found[p] for p in unique])
+
+    def _run_text_encoder(self, prompts: list[str], frozen_part: bool = False) -> TextFeatures:
         enc = self.text_encoder.tokenize(prompts)
         dev = self.device
         self.stats["text_encoder_calls"] += 1
-        return self.text_encoder(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
+        run = self.text_encoder.encode_frozen if frozen_part else self.text_encoder
+        return run(enc["input_ids"].to(dev), enc["attention_mask"].to(dev))
 
     def decode(self, image: ImageFeatures, text: TextFeatures, pixel_values: Tensor, k: int,
                boxes: BoxPrompts | None = None) -> SegOutput:

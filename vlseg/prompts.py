@@ -334,7 +334,7 @@ def flip_prompt(text: str, horizontal: bool = False, vertical: bool = False) -> 
 
     for p in protected:
         text = re.sub(rf"\b{re.escape(p)}\b", protect, text, flags=re.I)
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     if horizontal:
         pairs += _FLIPS["horizontal"]
     if vertical:
@@ -356,7 +356,7 @@ class PromptSampler:
         seed: makes the stream reproducible.
     """
 
-    def __init__(self, levels: tuple[str, ...] = tuple(f"p{i}" for i in range(1, 10)),
+    def __init__(self, levels: tuple[str, ...] = LEVELS[1:],
                  weights: tuple[float, ...] | None = None, negative_rate: float = 0.0, instance_rate: float = 0.0,
                  seed: int = 0):
         for lv in levels:

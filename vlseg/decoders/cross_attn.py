@@ -107,6 +107,7 @@ class CrossAttnDecoder(FusionDecoder):
             v = repeat_k(v, k)
             pix = v if pix is None else pix + v
             pix, txt = fuse(pix, txt, mask)
+        assert pix is not None  # layers is never empty
         query = masked_mean(txt, mask) + self.pool_proj(text.pooled)  # (BK, d)
         x = tokens_to_map(pix, image.grid)  # (BK, d, gh, gw)
         size = lambda s: (math.ceil(H / s), math.ceil(W / s))  # noqa: E731

@@ -60,7 +60,8 @@ class FiLMDecoder(FusionDecoder):
             if i == 0:
                 out = self.film(out, text.pooled)
             out = block(out)
+        assert out is not None  # layers is never empty
         maps = tokens_to_map(out, image.grid)
-        logits = resize_to(self.upsample(maps), tuple(pixel_values.shape[-2:]))[:, 0]
+        logits = resize_to(self.upsample(maps), (pixel_values.shape[-2], pixel_values.shape[-1]))[:, 0]
         presence = self.presence_head(out.mean(1))[:, 0] if self.presence_head is not None else None
         return DecoderOutput(logits=logits, presence=presence)

@@ -38,7 +38,7 @@ def source_folder(cfg: EncoderConfig) -> Path | None:
         raise download_hint(src, e) from e
 
 
-def load_hf_model(cfg: EncoderConfig, auto_cls: Any, load_weights: bool = True) -> tuple[nn.Module, Path | None]:
+def load_hf_model(cfg: EncoderConfig, auto_cls: Any, load_weights: bool = True) -> tuple[Any, Path | None]:
     """-> (model, its source folder). ``from_pretrained`` (weights, safetensors only) when weights are wanted,
     else ``from_config``: from ``cfg.arch["config"]`` when given (offline), else the source's config."""
     import transformers
@@ -99,7 +99,7 @@ class PositionCache:
         self.key: tuple | None = None
         self.value: Tensor | None = None
 
-    def __call__(self, emb: nn.Module, pixel_values: Tensor) -> Tensor:
+    def __call__(self, emb: Any, pixel_values: Tensor) -> Tensor:
         if not hasattr(emb, "class_embedding") or torch.is_grad_enabled():
             return emb(pixel_values, interpolate_pos_encoding=True)
         h, w = pixel_values.shape[-2:]
@@ -111,6 +111,7 @@ class PositionCache:
             self.value, self.key = emb.interpolate_pos_encoding(probe, h, w), key
         patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         cls = emb.class_embedding.expand(pixel_values.shape[0], 1, -1)
+        assert self.value is not None
         return torch.cat([cls, patches], dim=1) + self.value
 
 
@@ -118,7 +119,7 @@ class HFVisionEncoder(ImageEncoder):
     """The vision tower of a transformers dual encoder (CLIP, CLIPSeg's CLIP: CLS prefix; SigLIP: no prefix, MAP
     head). ``model`` is the whole dual encoder (``vision_model``, optional ``visual_projection``)."""
 
-    def __init__(self, model: nn.Module, preprocess: dict[str, Any]):
+    def __init__(self, model: Any, preprocess: dict[str, Any]):
         super().__init__()
         self.backbone = model.vision_model
         self._projection = getattr(model, "visual_projection", None)
@@ -177,7 +178,7 @@ class HFDualTextEncoder(TextEncoder):
             attention mask is passed, as in training).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any, padding: str = "longest"):
+    def __init__(self, model: Any, tokenizer: Any, padding: str = "longest"):
         super().__init__()
         if padding not in ("longest", "max_length"):
             raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
@@ -238,7 +239,7 @@ class HFTextEncoder(TextEncoder):
     """Any transformers text encoder (BERT, PubMedBERT, MiniLM, ...) with mean or CLS pooling and a learned
     (trainable) projection to ``embed_dim``."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int | None, pooling: str, max_length: int):
+    def __init__(self, model: Any, tokenizer: Any, embed_dim: int | None, pooling: str, max_length: int):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
@@ -263,6 +264,10 @@ class HFTextEncoder(TextEncoder):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         """(K, L) -> TextFeatures (tokens (K, L, Dt), mask (K, L), pooled (K, D))."""
+        return self.project(self.encode_frozen(input_ids, attention_mask))
+
+    def encode_frozen(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """Backbone token states and the pooled state before the learned projection (pooled (K, Dt))."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         tokens = out.last_hidden_state
         if self.pooling == "cls":
@@ -270,7 +275,10 @@ class HFTextEncoder(TextEncoder):
         else:
             m = attention_mask.unsqueeze(-1).to(tokens.dtype)
             pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return TextFeatures(tokens=tokens, mask=attention_mask.bool(), pooled=self.proj(pooled))
+        return TextFeatures(tokens=tokens, mask=attention_mask.bool(), pooled=pooled)
+
+    def project(self, features: TextFeatures) -> TextFeatures:
+        return TextFeatures(tokens=features.tokens, mask=features.mask, pooled=self.proj(features.pooled))
 
 
 @ENCODERS.register("hf-text")

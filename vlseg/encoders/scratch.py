@@ -97,7 +97,7 @@ class ScratchImageEncoder(ImageEncoder):
         outs = run_blocks(b.blocks, x, run_to, lambda blk, h: blk(h))
         pooled_t = b.norm(outs.pop()).mean(1) if pooled else None
         return ImageFeatures(tokens=outs, grid=(gh, gw), num_prefix_tokens=0, pooled=pooled_t,
-                             image_size=tuple(pixel_values.shape[-2:]))
+                             image_size=(pixel_values.shape[-2], pixel_values.shape[-1]))
 
 
 @ENCODERS.register("scratch")

@@ -36,7 +36,7 @@ class CLIPSegDecoderAdapter(FusionDecoder):
     broadcast; the result equals transformers' forward (same modules, same order of operations).
     """
 
-    def __init__(self, net: nn.Module, extract_layers: Sequence[int], patch_size: int):
+    def __init__(self, net: Any, extract_layers: Sequence[int], patch_size: int):
         super().__init__()
         self.net = net
         self.layers = tuple(extract_layers)
@@ -58,10 +58,10 @@ class CLIPSegDecoderAdapter(FusionDecoder):
         gh, gw = image.grid
         maps = out[:, 1:, :].transpose(1, 2).reshape(out.shape[0], -1, gh, gw)
         logits = net.transposed_convolution(maps)
-        return DecoderOutput(logits=resize_to(logits, tuple(pixel_values.shape[-2:]))[:, 0])
+        return DecoderOutput(logits=resize_to(logits, (pixel_values.shape[-2], pixel_values.shape[-1]))[:, 0])
 
 
-def _random_upstream(config: ModelConfig) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _random_upstream(config: ModelConfig) -> tuple[Any, Any, dict[str, Any]]:
     """The architecture (from ``config.arch``, else the source's config.json) with random weights."""
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
 
@@ -76,7 +76,7 @@ def _random_upstream(config: ModelConfig) -> tuple[nn.Module, Any, dict[str, Any
     return CLIPSegForImageSegmentation(up_config), SimpleClipTokenizer(), pp
 
 
-def _load_upstream(config: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _load_upstream(config: ModelConfig, load_weights: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """-> (CLIPSegForImageSegmentation, tokenizer, preprocessing) from the upstream folder (safetensors only)."""
     from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor
 

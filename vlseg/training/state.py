@@ -81,7 +81,7 @@ def load_train_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states."""
     py = random.getstate()
-    npst = np.random.get_state()
+    npst: Any = np.random.get_state()
     return {"python": [py[0], list(py[1]), py[2]], "numpy": [npst[0], npst[1], int(npst[2]), int(npst[3]),
                                                              float(npst[4])],
             "torch": torch.get_rng_state()}

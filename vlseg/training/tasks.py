@@ -22,12 +22,13 @@ class Batch:
 
     Attributes:
         pixel_values: (B, 3, S, S) normalised images.
-        keys: one identity per image (path + augmentation), for the frozen-feature cache.
+        keys: one identity per image (path + augmentation) for the frozen-feature cache; None for images that never
+            repeat (composite canvases).
         inputs: task-specific inputs and targets (prompts and masks, questions and answers, ...).
     """
 
     pixel_values: torch.Tensor
-    keys: list[str]
+    keys: list[str | None]
     inputs: dict[str, Any] = field(default_factory=dict)
 
 
