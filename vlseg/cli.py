@@ -24,10 +24,14 @@ import numpy as np
 from .io import InputItem
 
 
-def outputs_for(item: InputItem, names: list[str], out: Path) -> list[Path]:
-    """Output files of one input: one per prompt (PNG, or NIfTI for volumes) and, for images, an overlay."""
+def outputs_for(item: InputItem, names: list[str], out: Path, video_format: str = "mp4") -> list[Path]:
+    """Output files of one input: one per prompt (PNG, NIfTI for volumes, a mask video or PNG-sequence folder for
+    videos) and, for images and videos, an overlay."""
     if item.kind == "image":
         return [out / f"{item.stem}__{n}.png" for n in names] + [out / f"{item.stem}__overlay.png"]
+    if item.kind == "video":
+        suffix = ".mp4" if video_format == "mp4" else ""
+        return [out / f"{item.stem}__{n}{suffix}" for n in [*names, "overlay"]]
     return [out / f"{item.stem}__{n}.nii.gz" for n in names]
 
 
@@ -54,7 +58,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     inputs = vlseg.io.find_inputs(args.inputs)
     names = unique_slugs(args.prompt, taken={"overlay"})  # "polyp", "Polyp", "polyp!" -> polyp, polyp_2, polyp_3
     out = Path(args.out)
-    clashes = [p for it in inputs for p in outputs_for(it, names, out) if p.exists()]
+    clashes = [p for it in inputs for p in outputs_for(it, names, out, args.video_format) if p.exists()]
     if clashes and not args.overwrite:  # refuse before any work: never overwrite user data unasked
         raise FileExistsError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass --overwrite")
     state = _distributed()
@@ -77,6 +81,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             for k, target in enumerate(outputs_for(item, names, stage)):
                 vm.save(k, target, overwrite=True)
                 written += 1
+        written += _segment_videos(model, [i for i in mine if i.kind == "video"], args, names, stage, kw)
         for f in sorted(stage.iterdir()):
             os.replace(f, out / f.name)
     finally:
@@ -90,6 +95,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(json.dumps({"inputs": len(inputs), "files_written": total, "out": str(out),
                           "processes": 1 if state is None else state.num_processes}))
     return 0
+
+
+def _segment_videos(model: Any, items: list[InputItem], args: argparse.Namespace, names: list[str], out: Path,
+                    kw: dict[str, Any]) -> int:
+    """Each video read frame by frame, its masks written as they come (objects tracked where the model can);
+    -> files written."""
+    import vlseg
+
+    written = 0
+    for item in items:
+        written += len(vlseg.segment_video(model, item.path, args.prompt, out=out, out_format=args.video_format,
+                                           names=names, stem=item.stem, smoothing=args.smoothing, **kw))
+    return written
 
 
 def _segment_images(model: Any, items: list[InputItem], args: argparse.Namespace, names: list[str], out: Path,
@@ -188,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: cores - 1)")
     s.add_argument("--axis", type=int, default=2, help="slicing axis for volumes")
     s.add_argument("--window", default=None, help="CT window preset for volumes (abdomen, lung, bone, ...)")
+    s.add_argument("--video-format", choices=["mp4", "png"], default="mp4",
+                   help="videos: lossless mask videos (mp4) or PNG sequences, plus an overlay")
+    s.add_argument("--smoothing", type=float, default=0.0,
+                   help="videos, frame-by-frame models: temporal smoothing of probabilities in [0, 1)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_segment)
     m = sub.add_parser("models", help="list presets")

@@ -22,9 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import IMAGE_EXTS, read_image, to_uint8_rgb
-
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+from .io import IMAGE_EXTS, VIDEO_EXTS, read_image, to_uint8_rgb
 #: frame images inside a frames folder (DICOM frames are not video)
 FRAME_EXTS = tuple(e for e in IMAGE_EXTS if e != ".dcm")
 
@@ -263,6 +261,7 @@ def iter_segment_video(model: Any, video: Any, prompts: str | Sequence[str], thr
             f = to_uint8_rgb(np.asarray(f), f"frame {i}")
             if keep_frames:
                 kept[i] = f
+            bar.update(1)
             yield f
 
     tracking = model.family.capabilities.video_tracking if track is None else track
@@ -271,7 +270,6 @@ def iter_segment_video(model: Any, video: Any, prompts: str | Sequence[str], thr
             try:
                 for r in model.family.track_video(model, remember(frames), prompts, threshold,
                                                   **(tracker_options or {})):
-                    bar.update(1)
                     yield VideoFrameMasks(r["index"], r["masks"], r.get("objects"), kept.pop(r["index"], None))
                 return
             except NotImplementedError as e:
@@ -292,7 +290,6 @@ def iter_segment_video(model: Any, video: Any, prompts: str | Sequence[str], thr
                     if presence is not None and state[1] is not None:
                         presence = smoothing * state[1] + (1 - smoothing) * presence
                 state = (probs, presence)
-                bar.update(1)
                 yield VideoFrameMasks(index, _gate(probs, presence, threshold, cutoff), None, kept.pop(index, None))
                 index += 1
             batch.clear()
@@ -311,7 +308,8 @@ def segment_video(model: Any, video: Any, prompts: str | Sequence[str], threshol
                   presence_threshold: Any = "model", batch_size: int = 8, smoothing: float = 0.0,
                   track: bool | None = None, tracker_options: dict[str, Any] | None = None,
                   max_frames: int | None = None, out: str | os.PathLike[str] | None = None, out_format: str = "mp4",
-                  names: Sequence[str] | None = None, overlay: bool = True, progress: bool = True) -> Any:
+                  names: Sequence[str] | None = None, stem: str | None = None, overlay: bool = True,
+                  progress: bool = True) -> Any:
     """Segment what the prompts describe in every frame of a video.
 
     Args:
@@ -333,6 +331,7 @@ def segment_video(model: Any, video: Any, prompts: str | Sequence[str], threshol
             returned; None: the masks are returned.
         out_format: ``"mp4"`` (lossless mask videos + an overlay video) or ``"png"`` (PNG sequences).
         names: file-safe names per prompt for the outputs (default: made from the prompts).
+        stem: the outputs' file-name stem (default: the video's name); files are ``<stem>__<name>.mp4``.
         overlay: also write the frames with the masks drawn on them.
         progress: show a progress bar (tqdm).
     Returns:
@@ -348,7 +347,7 @@ def segment_video(model: Any, video: Any, prompts: str | Sequence[str], threshol
 
     src = open_video(video)
     names = list(names) if names is not None else unique_slugs(prompts, taken={"overlay"})
-    writer = MaskVideoWriter(out, src.name, names, out_format, src.fps, overlay)
+    writer = MaskVideoWriter(out, stem or src.name, names, out_format, src.fps, overlay)
     try:
         for r in iter_segment_video(model, src, prompts, keep_frames=overlay, **kw):
             writer.write(r.frame if r.frame is not None else np.zeros((*r.masks.shape[-2:], 3), np.uint8), r.masks)
