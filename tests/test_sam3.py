@@ -366,3 +366,18 @@ def test_real_sam3_end_to_end():
     assert pred.masks.shape[0] == 2 and pred.instances is not None
     masks = vlseg.segment_video(model, [vlseg.read_image(image)[0]] * 3, ["polyp"], progress=False)
     assert masks.shape[:2] == (3, 1)
+
+
+@pytest.mark.slow
+def test_benchmark_script_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sam3.py"), "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {c["name"] for c in data["cases"]} == {"k_prompts_1", "k_prompts_8", "video"}
+    for c in data["cases"]:
+        assert c["ratio"] == pytest.approx(c["reference_s"] / c["vlseg_s"], rel=1e-6)
+    assert all(c["mask_agreement"] > 0.999 for c in data["cases"] if "mask_agreement" in c)
+    assert {"cpu", "cpu_flags", "threads", "torch", "device"} <= set(data["env"])
+    assert "| k_prompts_8 |" in r.stdout
