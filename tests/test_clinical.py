@@ -86,14 +86,40 @@ def test_nifti_round_trip_keeps_affine_and_spacing(tmp_path):
     assert len(C.volume_slices(vol, axis=2)) == 4 and C.volume_slices(vol, axis=0)[0].shape == (20, 4)
     m = vlseg.create_model("tiny-test", pretrained=False)
     masks = vlseg.segment(m, src, ["liver"], window="abdomen")
-    assert masks.shape == (1, 24, 20, 4)
-    out = C.write_nifti(masks[0], vol, tmp_path / "liver.nii.gz")
+    assert masks.shape == (1, 24, 20, 4) and masks.dtype == bool
+    # An informative mask: an off-centre box in every axis plus one lone voxel, so a flip, transpose, shift or
+    # resampling of any axis on the way to disk and back changes it (the segmentation above may be all empty).
+    mask = np.zeros(data.shape, bool)
+    mask[3:9, 12:17, 1:3] = True
+    mask[20, 2, 3] = True
+    for axis in range(3):
+        assert not np.array_equal(mask, np.flip(mask, axis))
+    out = C.write_nifti(mask, vol, tmp_path / "liver.nii.gz")
     back = nib.load(out)
+    arr = np.asarray(back.dataobj)
     assert back.shape == data.shape and np.allclose(back.affine, aff)
-    assert np.array_equal(np.asarray(back.dataobj).astype(bool), masks[0])
+    assert arr.dtype == np.uint8 and set(np.unique(arr).tolist()) == {0, 1}
+    assert np.array_equal(arr.astype(bool), mask) and int(arr.sum()) == 6 * 5 * 2 + 1
+    assert np.allclose(back.affine @ [20, 2, 3, 1], aff @ [20, 2, 3, 1])  # the lone voxel sits where it did
     assert back.header.get_zooms()[:3] == pytest.approx((0.8, 0.7, 2.5))
+    seg = nib.load(C.write_nifti(masks[0], vol, tmp_path / "seg.nii.gz"))
+    assert np.array_equal(np.asarray(seg.dataobj).astype(bool), masks[0])
     with pytest.raises(FileExistsError):
-        C.write_nifti(masks[0], vol, tmp_path / "liver.nii.gz")
+        C.write_nifti(mask, vol, tmp_path / "liver.nii.gz")
+
+
+def test_dicom_series_mask_lands_at_its_world_position(tmp_path):
+    """A series (LPS) mask written as NIfTI (RAS): a voxel at (row 2, col 5, slice 1) is at x = 5 * 0.8 mm,
+    y = 2 * 0.7 mm, z = 2.5 mm in LPS, i.e. (-4.0, -1.4, 2.5) in RAS."""
+    for i, z in enumerate([0.0, 2.5, 5.0]):
+        write_dicom(tmp_path / f"s{i}.dcm", np.full((6, 7), 1024, np.uint16), z=z, instance=i)
+    vol = C.read_dicom_series(tmp_path)
+    mask = np.zeros(vol.data.shape, bool)
+    mask[2, 5, 1] = True
+    back = nib.load(C.write_nifti(mask, vol, tmp_path / "out" / "m.nii.gz"))
+    (ijk,) = np.argwhere(np.asarray(back.dataobj) > 0)
+    assert tuple(ijk) == (2, 5, 1)
+    assert np.allclose(back.affine @ [*ijk, 1], [-4.0, -1.4, 2.5, 1])
 
 
 def test_sixteen_bit_png(tmp_path):
