@@ -1,32 +1,49 @@
-"""vlseg speed and cost, side by side with the references, measured in one run.
+"""vlseg speed, fidelity and memory, side by side with what transformers alone gives, measured in one run.
 
-    python benchmarks/run.py [--quick] [--json out.json] [--device cpu|cuda]
+    python benchmarks/run.py [--quick] [--json out.json] [--device cpu|cuda] [--repeats 5]
 
-Every timing is a ratio reference_s / vlseg_s from interleaved repeats (warm-up first, median of >= 5), because
-shared machines are noisy. Random weights at the real architecture sizes (speed does not depend on the values).
-References: transformers' CLIPSegProcessor + CLIPSegForImageSegmentation (+ resize back), run as its docs show.
+Timings are medians of interleaved repeats after warm-up (vlseg and its references alternate, so load on a shared
+machine hits both), reported as ratios reference_s / vlseg_s. Weights are random at the real architecture sizes
+(CLIPSeg rd64-refined: ViT-B/16 at 352 px), so speed is real and masks are compared between modes, not to truth.
+References: transformers' CLIPSegProcessor + CLIPSegForImageSegmentation as its docs show (image repeated per
+prompt, resized back), in fp32, under bf16 autocast, and with int8 dynamic quantisation of its Linear layers.
+Peak memory is measured per model in a fresh subprocess.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 import vlseg
+from vlseg import precision as P
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+PROMPTS = ["polyp", "surgical instrument", "the grasper's tip", "the larger lesion on the left", "liver",
+           "retinal blood vessels", "skin lesion", "breast tumor", "left ventricle", "myocardium", "gallbladder",
+           "mitochondria", "cell membranes", "aorta", "hook", "fat"]
+#: random weights put many pixels near the threshold, so IoU is a noisy measure there (see vlseg.precision)
+RANDOM_WEIGHTS_BAR = P.FidelityBar(mean_iou=0.95, min_iou=0.0)
+TARGETS = {"single_vs_hf_fp32": 2.0, "single_vs_hf_best": 1.3, "fp32_vs_floor": 1.3, "k8_vs_hf_fp32": 8.0,
+           "folder_vs_hf": 3.0}
 
 
 # ----------------------------------------------------------------------------- timing helpers
@@ -51,51 +68,33 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int, de
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-class PeakRSS:
-    """Peak resident memory (MB) while the block runs (CPU), or peak CUDA allocation (GPU)."""
-
-    def __init__(self, device: str):
-        self.device, self.peak, self._stop = device, 0.0, threading.Event()
-
-    def _rss(self) -> float:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.005)
-
-    def __enter__(self) -> PeakRSS:
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.peak = self._rss()
-            self._t = threading.Thread(target=self._watch, daemon=True)
-            self._t.start()
-        return self
-
-    def __exit__(self, *a: Any) -> None:
-        if self.device.startswith("cuda"):
-            self.peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self._stop.set()
-            self._t.join()
-            self.peak = max(self.peak, self._rss())
+def row(name: str, vlseg_s: float, reference: str, reference_s: float, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "vlseg_s": vlseg_s, "reference": reference, "reference_s": reference_s,
+            "ratio": reference_s / vlseg_s, **extra}
 
 
 # ----------------------------------------------------------------------------- fixtures
+def write_tokenizer(folder: Path) -> None:
+    write = getattr(vlseg, "write_clip_tokenizer", None)
+    if write is None:  # vlseg <= 0.1 kept it private
+        from vlseg.encoders.tokenizers import write_clip_tokenizer as write
+    write(folder)
+
+
 def upstream_clipseg(folder: Path) -> str:
     """A CLIPSeg folder in the CIDAS/clipseg-rd64-refined layout (352 px, ViT-B/16, rd64, refined), random weights."""
-    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer
-    from transformers import ViTImageProcessor
-
-    from vlseg.encoders.tokenizers import write_clip_tokenizer
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        CLIPTokenizer,
+        ViTImageProcessor,
+    )
 
     torch.manual_seed(0)
-    config = CLIPSegConfig(vision_config=dict(patch_size=16), reduce_dim=64, use_complex_transposed_convolution=True)
+    config = CLIPSegConfig(vision_config={"patch_size": 16}, reduce_dim=64, use_complex_transposed_convolution=True)
     CLIPSegForImageSegmentation(config).eval().save_pretrained(folder)
-    write_clip_tokenizer(folder)
+    write_tokenizer(folder)
     tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
     img = ViTImageProcessor(do_resize=True, size={"height": 352, "width": 352}, resample=2, do_normalize=True,
                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
@@ -103,82 +102,200 @@ def upstream_clipseg(folder: Path) -> str:
     return str(folder)
 
 
-PROMPTS = ["polyp", "surgical instrument", "the grasper's tip", "the larger lesion on the left", "liver",
-           "retinal blood vessels", "skin lesion", "breast tumor", "left ventricle", "myocardium", "gallbladder",
-           "mitochondria", "cell membranes", "aorta", "hook", "fat"]
+def sample_images(n: int) -> list[Any]:
+    """Real images from ../shared/data (one per dataset, round robin) when present, else synthetic ones."""
+    from PIL import Image
+
+    if DATA.is_dir():
+        per_set = [sorted((d / "images").iterdir()) for d in sorted(DATA.iterdir()) if (d / "images").is_dir()]
+        picks = [files[i] for i in range(max(map(len, per_set), default=0)) for files in per_set if i < len(files)]
+        if picks:
+            return [Image.open(p).convert("RGB") for p in picks[:n]]
+    return [Image.fromarray(a) for a in P.sample_images(n, 352)]
+
+
+def quantize_int8(module: nn.Module) -> nn.Module:
+    """What a savvy transformers user does for CPU speed: dynamic int8 of every Linear."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {nn.Linear}, dtype=torch.qint8)
 
 
 class Reference:
-    """transformers' CLIPSeg pipeline as documented: the image repeated once per prompt, then resized back."""
+    """transformers' CLIPSeg pipeline as documented: the image repeated once per prompt, then resized back.
 
-    def __init__(self, folder: str, device: str):
+    mode: ``fp32``, ``bf16-autocast`` (the pipeline under torch.autocast bfloat16) or ``int8-dynamic``
+    (``torch.ao.quantization.quantize_dynamic`` of its Linear layers, CPU only).
+    """
+
+    def __init__(self, folder: str, device: str, mode: str = "fp32", base: Reference | None = None):
         from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
-        self.proc = CLIPSegProcessor.from_pretrained(folder)
-        self.model = CLIPSegForImageSegmentation.from_pretrained(folder).eval().to(device)
-        self.device = device
+        self.proc = base.proc if base is not None else CLIPSegProcessor.from_pretrained(folder)
+        model = base.model if base is not None else CLIPSegForImageSegmentation.from_pretrained(folder).eval()
+        self.model = quantize_int8(model) if mode == "int8-dynamic" else model.to(device)
+        self.device, self.mode = device, mode
+
+    def probs(self, image: Any, prompts: list[str]) -> np.ndarray:
+        dev = torch.device(self.device)
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16,
+                                                    enabled=self.mode == "bf16-autocast"):
+            inputs = self.proc(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt")
+            logits = self.model(**{k: v.to(dev) for k, v in inputs.items()}).logits
+            probs = torch.sigmoid(logits.float().reshape(len(prompts), 1, *logits.shape[-2:]))
+            w, h = image.size
+            return F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
 
     def __call__(self, image: Any, prompts: list[str]) -> np.ndarray:
-        with torch.inference_mode():
-            inputs = self.proc(text=prompts, images=[image] * len(prompts), padding=True, return_tensors="pt")
-            logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits
-            probs = torch.sigmoid(logits.reshape(len(prompts), 1, *logits.shape[-2:]))
-            w, h = image.size
-            return (F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0.5).cpu().numpy()
+        return self.probs(image, prompts) > 0.5
+
+
+def compare(ref: list[np.ndarray], got: list[np.ndarray]) -> dict[str, float]:
+    """Mask IoU per (image, prompt) pair and probability differences (the vlseg.precision.Fidelity numbers)."""
+    ious = [P.mask_iou(r[k] > 0.5, g[k] > 0.5) for r, g in zip(ref, got) for k in range(r.shape[0])]
+    return {"mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious)),
+            "mean_prob_diff": float(np.mean([np.abs(r - g).mean() for r, g in zip(ref, got)])),
+            "max_prob_diff": float(max(np.abs(r - g).max() for r, g in zip(ref, got)))}
+
+
+# ----------------------------------------------------------------------------- compute floor
+def encoder_gflop(folder: str, size: int) -> tuple[float, int, int]:
+    """GFLOP of the CLIPSeg vision blocks vlseg runs (up to the deepest extracted layer), and (run, total) blocks."""
+    from transformers import CLIPSegConfig
+
+    c = CLIPSegConfig.from_pretrained(folder)
+    v = c.vision_config
+    t = (size // v.patch_size) ** 2 + 1
+    per_block = 2 * t * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size) + 4 * t * t * v.hidden_size
+    blocks = max(c.extract_layers) + 1
+    return blocks * per_block / 1e9, blocks, v.num_hidden_layers
+
+
+def linear_fns(tokens: int, width: int, hidden: int, device: str, modes: list[str]) -> dict[str, Callable[[], Any]]:
+    """One (tokens x width) @ (width x hidden) Linear, as the encoder's MLP runs it, per mode."""
+    x = torch.randn(tokens, width, device=device)
+    lin = nn.Linear(width, hidden).to(device).eval()
+    fns: dict[str, Callable[[], Any]] = {"fp32": lambda: lin(x)}
+    if "bf16" in modes:
+        xb, lb = x.bfloat16(), copy.deepcopy(lin).bfloat16()
+        fns["bf16"] = lambda: lb(xb)
+    if "int8" in modes:
+        q = quantize_int8(nn.Sequential(lin))
+        fns["int8"] = lambda: q(x)
+    if device == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        # torch's fp32 Linear calls MKL; oneDNN's fp32 GEMM is the same maths by another library (informative:
+        # on AMD CPUs MKL runs AVX2 code where oneDNN runs AVX-512)
+        fns["fp32_onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, lin.weight, lin.bias, "none", [], "")
+    return fns
+
+
+def case_floor(model: Any, runners: dict[str, Any], folder: str, image: Any, device: str,
+               reps: int) -> tuple[list[dict], dict]:
+    """Encoder time per mode against GFLOP / (Linear GFLOP/s), all measured in one interleaved set (so the same
+    load hits the GEMM benchmark and the encoder), plus fp32 end to end against the fp32 floor."""
+    from transformers import CLIPSegConfig
+
+    size = model.processor.size
+    gflop, blocks, total = encoder_gflop(folder, size)
+    v = CLIPSegConfig.from_pretrained(folder).vision_config
+    tokens = (size // v.patch_size) ** 2 + 1
+    fns = {f"linear_{k}": f for k, f in linear_fns(tokens, v.hidden_size, v.intermediate_size, device,
+                                                   list(runners)).items()}
+    pv = model.processor([np.zeros((size, size, 3), np.uint8)], device=device)
+    fns.update({f"encoder_{m}": (lambda r=r: r.encode_image(pv)) for m, r in runners.items()})
+    fns["e2e_fp32"] = lambda: vlseg.segment(model, image, [PROMPTS[0]])
+    with torch.inference_mode():
+        t = interleaved(fns, max(reps, 7), 1, device)
+    flop = 2 * tokens * v.hidden_size * v.intermediate_size
+    rates = {k[len("linear_"):]: flop / s / 1e9 for k, s in t.items() if k.startswith("linear_")}
+    shape = f"{tokens}x{v.hidden_size} @ {v.hidden_size}x{v.intermediate_size}"
+    rows = [row(f"encoder_vs_floor_{m}", t[f"encoder_{m}"], f"{gflop:.1f} GFLOP / {rates[m]:.0f} GFLOP/s ({m} Linear)",
+                gflop / rates[m], mode=m, gflop=gflop, blocks=f"{blocks}/{total}", matmul_gflops=rates[m],
+                note="ratio = floor / measured (1.0 = at the floor)") for m in runners]
+    rows.append(row("e2e_vs_floor_fp32", t["e2e_fp32"], "fp32 encoder floor", gflop / rates["fp32"], mode="fp32",
+                    note="one prompt end to end (preprocess, encoder, decoder, resize back) against the encoder floor"))
+    return rows, {"encoder_gflop": gflop, "matmul_gflops": rates, "matmul_shape": shape,
+                  "seconds": {k: t[k] for k in t if not k.startswith("linear_")}}
 
 
 # ----------------------------------------------------------------------------- cases
-def case_e2e_and_k(ref: Reference, model: Any, image: Any, ks: list[int], reps: int, device: str) -> list[dict]:
+def case_single(refs: dict[str, Reference], runners: dict[str, Any], image: Any, fid_images: list[Any],
+                chosen: str, device: str, reps: int) -> tuple[list[dict], dict[str, float]]:
+    """One image, one prompt, end to end (PIL 512x512 in, masks at 512x512 out), every mode and reference at once."""
+    prompt = [PROMPTS[0]]
+    fns = {f"hf_{k}": (lambda r=r: r(image, prompt)) for k, r in refs.items()}
+    fns.update({f"vlseg_{m}": (lambda r=r: vlseg.segment(r, image, prompt)) for m, r in runners.items()})
+    t = interleaved(fns, reps, 1, device)
+    two = PROMPTS[:2]
+    hf_fp32 = [refs["fp32"].probs(im, two) for im in fid_images]
+    vl = {m: vlseg.segment(r, fid_images, two, return_probs=True) for m, r in runners.items()}
+    out = [row("single_prompt_e2e", t["vlseg_fp32"], "transformers CLIPSeg pipeline (fp32)", t["hf_fp32"],
+               mode="fp32", mask_agreement=float(np.mean([((a > 0.5) == (b > 0.5)).mean()
+                                                          for a, b in zip(vl["fp32"], hf_fp32)])),
+               note="same masks as transformers; 10 of 12 vision blocks, image encoded once, prompt cached")]
+    for m in runners:
+        if m == "fp32":
+            continue
+        out.append(row(f"single_prompt_e2e_{m}", t[f"vlseg_{m}"], "transformers CLIPSeg pipeline (fp32)",
+                       t["hf_fp32"], mode=m, **compare(vl["fp32"], vl[m]),
+                       note="fidelity columns: vlseg mode vs vlseg fp32"))
+    best_ref = min((k for k in refs), key=lambda k: t[f"hf_{k}"])
+    for k, r in refs.items():
+        if k == "fp32":
+            continue
+        fid = compare(hf_fp32, [r.probs(im, two) for im in fid_images])
+        out.append(row(f"single_prompt_auto_vs_hf_{k}", t[f"vlseg_{chosen}"], f"transformers pipeline, {k}",
+                       t[f"hf_{k}"], mode=chosen, **{f"ref_{a}": b for a, b in fid.items()},
+                       note="fidelity columns: the transformers variant vs transformers fp32"))
+    out.append(row("single_prompt_auto_vs_hf_best", t[f"vlseg_{chosen}"], f"best transformers option ({best_ref})",
+                   t[f"hf_{best_ref}"], mode=chosen))
+    return out, t
+
+
+def case_k(ref: Reference, runners: dict[str, Any], image: Any, ks: list[int], device: str, reps: int) -> list[dict]:
+    """K prompts on one image: vlseg with a warm prompt cache (prompts seen before) and a cold one (cleared before
+    every call) against the pipeline, which re-encodes everything every call."""
     out = []
-    # equality first: the optimisations must not change the output
-    with torch.inference_mode():
-        a = vlseg.segment(model, image, PROMPTS[:2], return_probs=True)
-    b = ref(image, PROMPTS[:2])
-    agree = float(((a > 0.5) == b).mean())
-    t = interleaved({"vlseg": lambda: vlseg.segment(model, image, [PROMPTS[0]]),
-                     "ref": lambda: ref(image, [PROMPTS[0]])}, reps, 2, device)
-    out.append({"name": "single_prompt_e2e", "vlseg_s": t["vlseg"], "reference": "transformers CLIPSeg pipeline",
-                "reference_s": t["ref"], "ratio": t["ref"] / t["vlseg"], "mask_agreement": agree,
-                "note": "PIL 512x512 in, binary mask at 512x512 out; prompt embedding cached after the first call"})
-    bf = interleaved({"vlseg": lambda: vlseg.segment(model, image, [PROMPTS[0]], autocast=True),
-                      "ref": lambda: ref(image, [PROMPTS[0]])}, reps, 1, device)
-    with torch.inference_mode():
-        c = vlseg.segment(model, image, PROMPTS[:2], return_probs=True, autocast=True)
-    out.append({"name": "single_prompt_e2e_bf16", "vlseg_s": bf["vlseg"], "reference": "transformers CLIPSeg pipeline (fp32)",
-                "reference_s": bf["ref"], "ratio": bf["ref"] / bf["vlseg"], "mask_agreement": float(((c > 0.5) == b).mean()),
-                "max_prob_diff": float(np.abs(c - a).max()),
-                "note": "opt-in vlseg.segment(..., autocast=True): bfloat16, outputs differ slightly"})
-    cold = interleaved({"vlseg": lambda: (model.clear_cache(), vlseg.segment(model, image, [PROMPTS[0]])),
-                        "ref": lambda: ref(image, [PROMPTS[0]])}, reps, 1, device)
-    out.append({"name": "single_prompt_e2e_cold_text", "vlseg_s": cold["vlseg"],
-                "reference": "transformers CLIPSeg pipeline", "reference_s": cold["ref"],
-                "ratio": cold["ref"] / cold["vlseg"], "note": "text cache cleared before every call"})
     for k in ks:
         prompts = PROMPTS[:k]
-        t = interleaved({"vlseg": lambda: vlseg.segment(model, image, prompts),
-                         "ref": lambda: ref(image, prompts)}, reps, 1, device)
-        out.append({"name": f"k_prompts_{k}", "k": k, "vlseg_s": t["vlseg"],
-                    "reference": "transformers CLIPSeg pipeline (image repeated K times)", "reference_s": t["ref"],
-                    "ratio": t["ref"] / t["vlseg"]})
+        fns: dict[str, Callable[[], Any]] = {"ref": lambda p=prompts: ref(image, p)}
+        for m, r in runners.items():
+            fns[f"{m}_warm"] = lambda r=r, p=prompts: vlseg.segment(r, image, p)
+            fns[f"{m}_cold"] = lambda r=r, p=prompts: (r.clear_cache(), vlseg.segment(r, image, p))
+        t = interleaved(fns, reps, 1, device)
+        for m in runners:
+            for c in ("warm", "cold"):
+                suffix = "" if (m, c) == ("fp32", "warm") else f"_{m}_{c}" if m != "fp32" else f"_{c}"
+                out.append(row(f"k_prompts_{k}{suffix}", t[f"{m}_{c}"],
+                               "transformers CLIPSeg pipeline fp32 (image repeated K times)", t["ref"], k=k, mode=m,
+                               prompt_cache=c))
     return out
 
 
-def case_presets(ref: Reference, image: Any, presets: list[str], ks: list[int], reps: int, device: str) -> list[dict]:
+def case_presets(image: Any, presets: list[str], chosen_by: dict[str, str], ks: list[int], device: str,
+                 reps: int) -> list[dict]:
+    """Each preset against itself in fp32 (same image, same K, same machine): what its fastest mode buys."""
     out = []
     for name in presets:
-        with PeakRSS(device) as mem:
-            model = vlseg.create_model(name, pretrained=False).to(device)
-            s = model.trainable_summary()["total"]
-            for k in ks:
-                prompts = PROMPTS[:k]
-                t = interleaved({"vlseg": lambda: vlseg.segment(model, image, prompts),
-                                 "ref": lambda: ref(image, prompts)}, reps, 1, device)
-                out.append({"name": f"preset_{name}_k{k}", "preset": name, "k": k, "vlseg_s": t["vlseg"],
-                            "reference": "transformers CLIPSeg pipeline", "reference_s": t["ref"],
-                            "ratio": t["ref"] / t["vlseg"], "params_total": s["total"],
-                            "params_trainable": s["trainable"], "image_size": model.processor.size})
-        for row in out[-len(ks):]:
-            row["peak_mem_mb"] = round(mem.peak, 1)
+        model = vlseg.create_model(name, pretrained=False).to(device).eval()
+        s = model.trainable_summary()["total"]
+        modes = P.available_modes(device)
+        fid = {m: P.fidelity(model, m, sample_images(2), PROMPTS[:2]) for m in modes if m != "fp32"}
+        for k in ks:
+            prompts = PROMPTS[:k]
+            variants = {m: P.variant(model, m) for m in modes}
+            fns = {m: (lambda r=r, p=prompts: vlseg.segment(r, image, p)) for m, r in variants.items()}
+            t = interleaved(fns, reps, 1, device)
+            for m in modes:
+                extra = {} if m == "fp32" else {"mean_iou": fid[m].mean_iou, "max_prob_diff": fid[m].max_prob_diff}
+                out.append(row(f"preset_{name}_k{k}_{m}", t[m], f"{name} fp32, same K", t["fp32"], preset=name, k=k,
+                               mode=m, params_total=s["total"], image_size=model.processor.size, **extra))
+        ok = [m for m in modes if m == "fp32" or fid[m].passes(RANDOM_WEIGHTS_BAR)]
+        chosen_by[name] = min(ok, key=lambda m: next(r["vlseg_s"] for r in out
+                                                     if r["preset"] == name and r["mode"] == m))
+        P.drop_variants(model)
         del model
     return out
 
@@ -224,101 +341,294 @@ def case_training(n_images: int, batch: int, reps: int, device: str) -> list[dic
                      "cached": lambda: epoch(cached, cached_opt, cache)}, reps, 0, device)
     ips = {k: n_images / v for k, v in t.items()}
     return [
-        {"name": "train_decoder_only", "vlseg_s": t["uncached"], "images_per_s": ips["uncached"],
-         "reference": "same epoch with LoRA r=8 (image+text)", "reference_s": t["lora"],
-         "ratio": t["lora"] / t["uncached"]},
-        {"name": "train_lora", "vlseg_s": t["lora"], "images_per_s": ips["lora"],
-         "reference": "decoder-only epoch", "reference_s": t["uncached"], "ratio": t["uncached"] / t["lora"]},
-        {"name": "cached_epoch", "vlseg_s": t["cached"], "images_per_s": ips["cached"],
-         "reference": "uncached epoch (decoder-only)", "reference_s": t["uncached"],
-         "ratio": t["uncached"] / t["cached"], "epoch1_fill_s": first, "epoch1_vs_cached": first / t["cached"],
-         "images_per_epoch": n_images, "batch": batch},
+        row("train_decoder_only", t["uncached"], "same epoch with LoRA r=8 (image+text)", t["lora"],
+            images_per_s=ips["uncached"]),
+        row("train_lora", t["lora"], "decoder-only epoch", t["uncached"], images_per_s=ips["lora"]),
+        row("cached_epoch", t["cached"], "uncached epoch (decoder-only)", t["uncached"], images_per_s=ips["cached"],
+            epoch1_fill_s=first, epoch1_vs_cached=first / t["cached"], images_per_epoch=n_images, batch=batch),
     ]
 
 
-def case_batch(model: Any, batches: list[int], reps: int, device: str) -> list[dict]:
+def case_batch(runner: Any, mode: str, batches: list[int], reps: int, device: str) -> list[dict]:
     from PIL import Image
 
     rng = np.random.default_rng(1)
     pool = [Image.fromarray((rng.random((512, 512, 3)) * 255).astype(np.uint8)) for _ in range(max(batches))]
-    per_image = {}
-    for b in batches:
-        t = interleaved({"b": lambda: vlseg.segment(model, pool[:b], [PROMPTS[0]], batch_size=b)}, reps, 1, device)
-        per_image[b] = t["b"] / b
-    base = per_image[batches[0]]
-    return [{"name": f"batch_{b}", "batch": b, "vlseg_s": per_image[b] * b, "images_per_s": 1 / per_image[b],
-             "reference": f"vlseg at batch {batches[0]} (per image)", "reference_s": base * b,
-             "ratio": base / per_image[b]} for b in batches]
+    fns = {b: (lambda b=b: vlseg.segment(runner, pool[:b], [PROMPTS[0]], batch_size=b)) for b in batches}
+    t = interleaved(fns, reps, 1, device)
+    base = t[batches[0]] / batches[0]
+    return [row(f"batch_{b}", t[b], f"vlseg at batch {batches[0]} (per image x {b})", base * b, batch=b, mode=mode,
+                images_per_s=b / t[b]) for b in batches]
+
+
+# ----------------------------------------------------------------------------- folder via the CLI
+def cli_supports(flag: str) -> bool:
+    from vlseg.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return flag in sub.choices["segment"].format_help()
+
+
+def case_folder(folder: str, n: int, prompts: list[str], device: str, tmp: Path) -> list[dict]:
+    """``vlseg segment DIR -p A -p B`` (a fresh process: start-up and model load included) against a script that
+    runs the transformers pipeline image by image and writes the same mask PNGs (also a fresh process)."""
+    from PIL import Image
+
+    images = tmp / "folder_in"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(n):
+        Image.fromarray((rng.random((512, 512, 3)) * 255).astype(np.uint8)).save(images / f"img{i:03d}.png")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLSEG_CACHE": str(tmp / "cache")}
+    cmd = [sys.executable, "-m", "vlseg.cli", "segment", str(images), "--model", "clipseg-rd64-refined",
+           "--pretrained", folder, "--out", str(tmp / "folder_vlseg"), "--device", device]
+    for p in prompts:
+        cmd += ["-p", p]
+    precision = "fp32 (this CLI has no --precision)"
+    if cli_supports("--precision"):
+        cmd += ["--precision", "auto"]
+        precision = "auto"
+    ref_cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-folder", folder, str(images),
+               str(tmp / "folder_hf"), "--device", device, *[x for p in prompts for x in ("--prompt", p)]]
+    times = {}
+    for key, c in (("ref", ref_cmd), ("vlseg", cmd)):
+        t = time.perf_counter()
+        r = subprocess.run(c, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+        times[key] = time.perf_counter() - t
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(c[:4])} failed: {r.stderr[-2000:]}")
+    return [row(f"folder_{n}_images_{len(prompts)}_prompts_cli", times["vlseg"],
+                "transformers pipeline image by image (fresh process, writes mask PNGs)", times["ref"], images=n,
+                prompts=len(prompts), precision=precision,
+                note="one run each; both include start-up and model load; vlseg also writes overlays")]
+
+
+def hf_folder(folder: str, images: str, out: str, prompts: list[str], device: str) -> None:
+    """The reference side of case_folder (run in its own process)."""
+    from PIL import Image
+
+    ref = Reference(folder, device)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(images).iterdir()):
+        image = Image.open(f).convert("RGB")
+        for p, m in zip(prompts, ref(image, prompts)):
+            Image.fromarray(m.astype(np.uint8) * 255).save(Path(out) / f"{f.stem}__{p}.png")
+
+
+# ----------------------------------------------------------------------------- memory, one fresh process each
+def memory_probe(kind: str, folder: str, device: str) -> dict[str, float]:
+    """Load one model, run one prompt on one image, report peak memory (MB). Run in a fresh process."""
+    from PIL import Image
+
+    def peak() -> float:
+        if device.startswith("cuda"):
+            return torch.cuda.max_memory_allocated() / 2**20
+        # VmHWM: this process's peak resident set (unlike ru_maxrss, it does not carry the parent's over exec)
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+    image = Image.fromarray((np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8))
+    if device.startswith("cuda"):
+        torch.cuda.init()
+    base = peak()
+    source, _, mode = kind.partition(":")
+    if source == "hf":
+        Reference(folder, device, {"bf16": "bf16-autocast", "int8": "int8-dynamic"}.get(mode, "fp32"))(image, ["a"])
+    else:
+        model = vlseg.create_model(source, pretrained=folder if source.startswith("clipseg") else False)
+        model = model.to(device).eval()
+        vlseg.segment(P.variant(model, mode or "fp32"), image, ["a"])
+    return {"peak_mb": peak(), "baseline_mb": base}
+
+
+def case_memory(kinds: list[str], folder: str, device: str) -> list[dict]:
+    """Peak memory per model, each in its own fresh process (run side by side: peaks are per process; on CUDA one
+    at a time, since they share the GPU)."""
+    out = []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    width = 1 if device.startswith("cuda") else 4
+    done = []
+    for i in range(0, len(kinds), width):
+        procs = [(kind, subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--memory-probe", kind,
+                                          folder, "--device", device], stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env))
+                 for kind in kinds[i:i + width]]
+        done += [(kind, p, *p.communicate()) for kind, p in procs]
+    for kind, p, stdout, stderr in done:
+        if p.returncode != 0:
+            out.append({"model": kind, "error": stderr.strip().splitlines()[-1] if stderr.strip() else "failed"})
+            continue
+        m = json.loads(stdout.strip().splitlines()[-1])
+        out.append({"model": kind, "peak_mb": round(m["peak_mb"]), "model_mb": round(m["peak_mb"] - m["baseline_mb"]),
+                    "baseline_mb": round(m["baseline_mb"])})
+    return out
 
 
 # ----------------------------------------------------------------------------- main
-def environment(device: str) -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+def environment(device: str, info: P.MachineInfo) -> dict[str, Any]:
     import transformers
 
     return {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None, "cpu": cpu,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "vlseg": vlseg.__version__, "python": platform.python_version(), "image_size": "512x512 input"}
+            "gpu": info.cuda_name if device.startswith("cuda") else None, "cpu": info.cpu_model,
+            "cpu_flags": sorted(info.flags), "cpu_capability": info.cpu_capability, "machine": info.describe(device),
+            "available_modes": P.available_modes(device, info), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "vlseg": vlseg.__version__,
+            "python": platform.python_version(), "image_size": "512x512 input"}
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The goals of the speed work, each with the measured value."""
+    by = {c["name"]: c for c in result["cases"]}
+    chosen = result["auto"]["chosen"]
+    out = []
+
+    def add(name: str, value: float | None, goal: float, what: str, higher: bool = True) -> None:
+        if value is not None:
+            ok = value >= goal if higher else value <= goal
+            out.append({"target": name, "value": value, "goal": goal, "met": ok, "what": what})
+
+    s = by.get(f"single_prompt_e2e_{chosen}" if chosen != "fp32" else "single_prompt_e2e")
+    add("one prompt vs transformers fp32", s and s["ratio"], TARGETS["single_vs_hf_fp32"], f"auto ({chosen})")
+    best = by.get("single_prompt_auto_vs_hf_best")
+    add("one prompt vs best transformers option", best and best["ratio"], TARGETS["single_vs_hf_best"],
+        best["reference"] if best else "")
+    floor = by.get("e2e_vs_floor_fp32")
+    add("fp32 end to end / compute floor", floor and 1 / floor["ratio"], TARGETS["fp32_vs_floor"],
+        "fp32 one prompt end to end over the fp32 encoder floor, same interleaved set", higher=False)
+    for c in ("cold", "warm"):
+        k8 = by.get(f"k_prompts_8_{chosen}_{c}" if chosen != "fp32" else
+                    ("k_prompts_8" if c == "warm" else "k_prompts_8_cold"))
+        add(f"K=8 vs transformers fp32 ({c} prompt cache)", k8 and k8["ratio"], TARGETS["k8_vs_hf_fp32"], f"auto ({chosen})")
+    folder = next((c for c in result["cases"] if c["name"].startswith("folder_")), None)
+    add("folder via CLI vs transformers image by image", folder and folder["ratio"], TARGETS["folder_vs_hf"],
+        folder["name"] if folder else "")
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def table(result: dict[str, Any]) -> str:
     e = result["env"]
-    lines = [f"Measured {e['date']} on {e['device']} ({e['gpu'] or e['cpu']}), {e['threads']} threads, torch "
-             f"{e['torch']}, transformers {e['transformers']}; {e['image_size']}.", "",
+    a = result["auto"]
+    f = result["floor"]
+    rates = ", ".join(f"{k} {v:.0f}" for k, v in f["matmul_gflops"].items())
+    lines = [(f"Measured {e['date']} on {e['device']}: {e['machine']}; transformers {e['transformers']}; "
+              f"{e['image_size']}."),
+             (f"Modes native here: {', '.join(e['available_modes'])}. `auto` chose **{a['chosen']}** "
+              f"(calibration: {', '.join(f'{m} {s:.3f} s' for m, s in a['seconds'].items())}; "
+              f"passed {', '.join(m for m, ok in a['passed'].items() if ok)})."),
+             f"Linear GFLOP/s ({f['matmul_shape']}): {rates}. Encoder: {f['encoder_gflop']:.1f} GFLOP.", "",
              "| case | vlseg (s) | reference | reference (s) | ratio (ref / vlseg) | extra |",
              "|---|---:|---|---:|---:|---|"]
     for c in result["cases"]:
-        extra = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()
+        extra = ", ".join(f"{k}={_fmt(v)}" for k, v in c.items()
                           if k not in ("name", "vlseg_s", "reference", "reference_s", "ratio", "note"))
         lines.append(f"| {c['name']} | {c['vlseg_s']:.3f} | {c['reference']} | {c['reference_s']:.3f} | "
                      f"{c['ratio']:.2f}x | {extra} |")
+    if result.get("memory"):
+        lines += ["", "Peak memory, one fresh process per model (load + one prompt on one image):", "",
+                  "| model | peak (MB) | of which model + run (MB) |", "|---|---:|---:|"]
+        for m in result["memory"]:
+            lines.append(f"| {m['model']} | {m.get('peak_mb', m.get('error'))} | {m.get('model_mb', '')} |")
+    if result.get("targets"):
+        lines += ["", "| target | measured | goal | met |", "|---|---:|---:|---|"]
+        for t in result["targets"]:
+            cmp = "<=" if t["target"].startswith("fp32 end") else ">="
+            lines.append(f"| {t['target']} ({t['what']}) | {t['value']:.2f} | {cmp} {t['goal']} | "
+                         f"{'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer presets/sizes: under 3 minutes on 2 CPU cores")
+    ap.add_argument("--quick", action="store_true",
+                    help="K=4 only, no presets, 2-image folder, fewer memory probes: about 3 minutes on 2 quiet cores")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--memory-probe", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
+    ap.add_argument("--hf-folder", nargs=3, metavar=("MODEL", "IMAGES", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--prompt", action="append", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.repeats < 5:
-        ap.error("--repeats must be >= 5 (medians of fewer are too noisy)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    device = args.device
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe[0], args.memory_probe[1], device)))
+        return 0
+    if args.hf_folder:
+        hf_folder(*args.hf_folder, prompts=args.prompt or [PROMPTS[0]], device=device)
+        return 0
+    if args.repeats < 5:
+        ap.error("--repeats must be >= 5 (medians of fewer are too noisy)")
     from PIL import Image
 
-    device = args.device
-    reps = args.repeats
+    reps, quick = args.repeats, args.quick
+    info = P.machine_info(device)
     image = Image.fromarray((np.random.default_rng(0).random((512, 512, 3)) * 255).astype(np.uint8))
-    result: dict[str, Any] = {"env": environment(device), "cases": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = upstream_clipseg(Path(tmp) / "clipseg")
+    fid_images = [image, *sample_images(2 if quick else 8)]
+    result: dict[str, Any] = {"env": environment(device, info), "cases": []}
+    print(f"# {info.describe(device)}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        os.environ["VLSEG_CACHE"] = str(tmp / "cache")  # calibrate afresh every run
+        folder = upstream_clipseg(tmp / "clipseg")
         ref = Reference(folder, device)
-        model = vlseg.create_model("clipseg-rd64-refined", pretrained=folder).to(device)
-        steps = [
-            ("K prompts", lambda: case_e2e_and_k(ref, model, image, [1, 4, 8, 16], reps, device)),
-            ("presets", lambda: case_presets(ref, image, ["clip-b16-film", "biomedclip-xattn"] if args.quick else
-                                             ["biomedclip-film", "biomedclip-xattn", "clip-b16-film", "clip-b16-xattn"],
-                                             [1] if args.quick else [1, 8], reps, device)),
-            ("training", lambda: case_training(8 if args.quick else 16, 4, reps, device)),
-            ("batch scaling", lambda: case_batch(model, [1, 4] if args.quick else [1, 4, 16], reps, device)),
+        refs = {"fp32": ref, "bf16-autocast": Reference(folder, device, "bf16-autocast", base=ref)}
+        if device == "cpu":
+            refs["int8-dynamic"] = Reference(folder, device, "int8-dynamic", base=ref)
+        model = vlseg.create_model("clipseg-rd64-refined", pretrained=folder).to(device).eval()
+        t = time.perf_counter()
+        cal = P.calibrate(model, fid_images[:2 if quick else 4], PROMPTS[:2], cache=False, bar=RANDOM_WEIGHTS_BAR,
+                          repeats=3 if quick else 5)
+        result["auto"] = {**cal.to_dict(), "calibration_s": time.perf_counter() - t}
+        print(f"[calibration: chose {cal.chosen} in {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
+        runners = {m: P.variant(model, m) for m in P.available_modes(device, info)}
+        chosen = cal.chosen
+        presets: dict[str, str] = {}
+        steps: list[tuple[str, Callable[[], list[dict]]]] = [
+            ("compute floor", lambda: _floor(result, model, runners, folder, image, device, reps)),
+            ("single prompt", lambda: case_single(refs, runners, image, fid_images, chosen, device, reps)[0]),
+            ("K prompts", lambda: case_k(ref, {m: runners[m] for m in dict.fromkeys(["fp32", chosen])}, image,
+                                         [4] if quick else [1, 4, 8, 16], device, reps)),
+            ("presets", lambda: [] if quick else case_presets(
+                image, ["biomedclip-film", "biomedclip-xattn", "clip-b16-film", "clip-b16-xattn"], presets, [1, 8],
+                device, reps)),
+            ("training", lambda: case_training(4 if quick else 16, 4, reps, device)),
+            ("batch scaling", lambda: case_batch(runners[chosen], chosen, [1, 2] if quick else [1, 4, 16], reps,
+                                                 device)),
+            ("folder via CLI", lambda: case_folder(folder, 2 if quick else 100, PROMPTS[:2], device, tmp)),
         ]
         for label, fn in steps:
             t = time.perf_counter()
             result["cases"] += fn()
             print(f"[{label}: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        kinds = ["hf", "clipseg-rd64-refined"] + ([f"clipseg-rd64-refined:{chosen}"] if chosen != "fp32" else [])
+        if not quick:
+            kinds.insert(1, "hf:int8")
+            kinds += [f"clipseg-rd64-refined:{m}" for m in P.available_modes(device, info) if m not in ("fp32", chosen)]
+            kinds += [k for p, m in presets.items() for k in dict.fromkeys([p, f"{p}:{m}"])]
+        if device != "cpu":
+            kinds = [k for k in kinds if not k.endswith(":int8")]
+        result["memory"] = case_memory(kinds, folder, device)
+        print(f"[memory: {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
+    result["targets"] = targets(result)
     print(table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _floor(result: dict[str, Any], model: Any, runners: dict[str, Any], folder: str, image: Any, device: str,
+           reps: int) -> list[dict]:
+    rows, result["floor"] = case_floor(model, runners, folder, image, device, reps)
+    return rows
 
 
 if __name__ == "__main__":
