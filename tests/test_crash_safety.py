@@ -86,6 +86,7 @@ def test_sigkill_then_resume_equals_uninterrupted(mf, tmp_path):
     assert resumed_from % EVERY == 0 and 0 < resumed_from < STEPS, (moment, resumed_from)
     assert vlseg.load(b / "last") is not None
     logged = [r["step"] for r in metrics_safe(b / "metrics.jsonl") if "loss" in r]
+    print(f"killed {moment}; last/ at step {resumed_from}; steps logged before the kill: {logged}")
     run(base_args(mf, b, STEPS, EXTRA + [f"resume={b}/last"]))
     # the same weights and losses as the run that was never interrupted
     wa, wb = load_file(a / "last" / "model.safetensors"), load_file(b / "last" / "model.safetensors")
