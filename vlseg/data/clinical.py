@@ -227,15 +227,16 @@ def read_dicom_series(folder: str | Path, win: str | tuple[float, float] | None 
         off = np.abs(d - n * step)
         if (off > spacing_tolerance * step).any():
             i = int(np.argmax(off))
+            gaps = sorted({round(float(x), 4) for x in d})
             raise DataError(f"Uneven slice spacing in {root}: {entries[i][1].name} -> {entries[i + 1][1].name} is "
-                            f"{d[i]:.4g} mm, the spacing is {step:.4g} mm (gaps {sorted({round(float(x), 4) for x in d})}"
-                            "); such a series has no regular grid. Resample it to even spacing first")
+                            f"{d[i]:.4g} mm, the spacing is {step:.4g} mm (gaps {gaps}); such a series has no regular "
+                            "grid. Resample it to even spacing first")
         if (n > 1).any() and bad_slices == "raise":
             i = int(np.argmax(n > 1))
             raise DataError(f"{int((n - 1).sum())} missing slice(s) in {root}: {entries[i][1].name} "
-                            f"({zs[i]:.4g} mm) is followed by {entries[i + 1][1].name} ({zs[i + 1]:.4g} mm), {d[i]:.4g} "
-                            f"mm apart; the spacing is {step:.4g} mm. Pass bad_slices='fill' to put blank slices in "
-                            "the gaps")
+                            f"({zs[i]:.4g} mm) is followed by {entries[i + 1][1].name} ({zs[i + 1]:.4g} mm), "
+                            f"{d[i]:.4g} mm apart; the spacing is {step:.4g} mm. Pass bad_slices='fill' to put blank "
+                            "slices in the gaps")
         for (_, f, ds, raw), gap in zip(entries[1:], n):
             layout += [(None, None, None)] * (int(gap) - 1) + [(f, ds, raw)]
     else:
