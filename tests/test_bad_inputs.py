@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -354,7 +353,8 @@ DICOM: dict[str, Case] = {
                                 C.read_dicom_series, DataError, "mixes 2 DICOM series"),
     "series-slice-size-mismatch": Case(lambda t, _: dicom_series(t / "s", [0, 2.5, 5], sizes={1: (8, 7)}),
                                        C.read_dicom_series, DataError, r"s01\.dcm is 7x8"),
-    "series-stray-text-file": Case(lambda t, _: put(dicom_series(t / "s", [0, 2.5]) / "notes.txt", "hi").parent, C.read_dicom_series, DataError, r"notes\.txt"),
+    "series-stray-text-file": Case(lambda t, _: put(dicom_series(t / "s", [0, 2.5]) / "notes.txt", "hi").parent,
+                                   C.read_dicom_series, DataError, r"notes\.txt"),
     "series-slice-without-pixels": Case(lambda t, _: dicom_series(t / "s", [0, 2.5, 5], no_pixels=(1,)),
                                         C.read_dicom_series, DataError, r"s01\.dcm.*no 'Pixel Data'"),
     "series-slice-without-pixels-fill": Case(lambda t, _: dicom_series(t / "s", [0, 2.5, 5], no_pixels=(1,)),
@@ -452,7 +452,8 @@ MODELS: dict[str, Case] = {
                                                 vlseg.load, CheckpointError, "not a readable safetensors", name_of),
     "checkpoint-truncated-safetensors": Case(lambda t, _: checkpoint(t, lambda p: (p / "model.safetensors").write_bytes(
         (p / "model.safetensors").read_bytes()[:1000])), vlseg.load, CheckpointError, "not a readable safetensors"),
-    "checkpoint-pickle-file-path": Case(lambda t, _: put(t / "model.bin", trap_pickle(t / "UNPICKLED")), vlseg.load, CheckpointError, "never unpickles",
+    "checkpoint-pickle-file-path": Case(lambda t, _: put(t / "model.bin", trap_pickle(t / "UNPICKLED")), vlseg.load,
+                                        CheckpointError, "never unpickles",
                                         name_of),
     "config-future-format": Case(lambda t, _: checkpoint(t, edit_config(lambda d: d.update(vlseg_format=99))),
                                  vlseg.load, CheckpointError, "newer vlseg", name_of),
@@ -493,7 +494,8 @@ MANIFESTS: dict[str, Case] = {
                                         "'class_name' must be"),
     "manifest-spacing-not-a-list": Case(lambda t, _: manifest(t, row(spacing=1)), from_manifest, DataError,
                                         "'spacing' must be 2 or 3 positive numbers"),
-    "manifest-class-names-not-a-list": Case(lambda t, _: manifest(t, json.dumps({"image": "a.png", "class_names": True})),
+    "manifest-class-names-not-a-list": Case(lambda t, _: manifest(t, json.dumps({"image": "a.png",
+                                                                                 "class_names": True})),
                                             from_manifest, DataError, "'class_names' must be a non-empty list"),
     "manifest-not-utf8": Case(lambda t, _: manifest(t, b'{"image": "a.png", "class_name": "caf\xe9"}\n'),
                               from_manifest, DataError, "not UTF-8", name_of),

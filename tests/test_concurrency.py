@@ -147,7 +147,7 @@ def test_demo_eight_concurrent_clients(demo):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, requests))
     assert len(answers) == 8
-    for (path, prompts), (annotated, table, overlay, zipped, legend) in zip(requests, answers):
+    for (path, prompts), (_annotated, table, overlay, zipped, _legend) in zip(requests, answers):
         pred = vlseg.predict(model, np.asarray(Image.open(path).convert("RGB")), prompts, threshold=0.5)
         rows = table["data"]
         assert [r[0] for r in rows] == prompts, (path.name, rows)

@@ -185,7 +185,8 @@ def test_prompt_strings_give_a_mask_or_a_clear_error(text):
 
 _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.text(max_size=8),
                     st.sampled_from(["a.png", "m.png", "nope.png", "", "../a.png", "/etc/hostname", "m_bad.png"]),
-                    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+                    st.lists(st.integers(), max_size=2),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 _KEYS = st.sampled_from(["image", "mask", "class_name", "split", "dataset", "subject", "negative", "class_names",
                          "spacing", "x"])
 _GOOD = {"image": "a.png", "mask": "m.png", "class_name": "polyp"}
