@@ -102,7 +102,7 @@ def bench_prompts(model: Any, folder: str, device: str, ks: list[int], repeats: 
     for k in ks:
         prompts = vocabulary[:k]
 
-        def reference() -> list[np.ndarray]:
+        def reference(prompts: list[str] = prompts) -> list[np.ndarray]:
             masks = []
             for p in prompts:
                 inputs = proc(images=image, text=p, return_tensors="pt").to(device)
@@ -114,7 +114,7 @@ def bench_prompts(model: Any, folder: str, device: str, ks: list[int], repeats: 
                 masks.append(m.bool().any(0).cpu().numpy() if len(m) else np.zeros(image.shape[:2], bool))
             return masks
 
-        def ours() -> np.ndarray:
+        def ours(prompts: list[str] = prompts) -> np.ndarray:
             return vlseg.segment(model, image, prompts)
 
         (ref_s, ref_masks), (vl_s, our_masks) = timed(reference, repeats), timed(ours, repeats)

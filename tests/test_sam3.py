@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DATA
 from PIL import Image
 from safetensors.torch import load_file
 
 import vlseg
-from helpers import DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 

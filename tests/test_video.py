@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_sam3 import tiny_sam3_dir
 
 import vlseg
-from test_sam3 import tiny_sam3_dir
 from vlseg.video import open_video, read_mask_video
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .io import IMAGE_EXTS, VIDEO_EXTS, read_image, to_uint8_rgb
+
 #: frame images inside a frames folder (DICOM frames are not video)
 FRAME_EXTS = tuple(e for e in IMAGE_EXTS if e != ".dcm")
 
@@ -356,5 +357,16 @@ def segment_video(model: Any, video: Any, prompts: str | Sequence[str], threshol
     return written
 
 
-__all__ = ["FRAME_EXTS", "MaskVideoWriter", "VIDEO_EXTS", "VideoFrameMasks", "VideoSource", "frame_files",
-           "is_video_path", "iter_segment_video", "open_video", "read_mask_video", "segment_video"]
+__all__ = [
+    "FRAME_EXTS",
+    "VIDEO_EXTS",
+    "MaskVideoWriter",
+    "VideoFrameMasks",
+    "VideoSource",
+    "frame_files",
+    "is_video_path",
+    "iter_segment_video",
+    "open_video",
+    "read_mask_video",
+    "segment_video",
+]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +189,7 @@ class Sam3Decoder(FusionDecoder):
 
         sam = self.__dict__["sam"]
         tokens = image.tokens[0]
-        b, n, c = tokens.shape
+        b, _, c = tokens.shape
         gh, gw = image.grid
         fpn, pos = sam.vision_encoder.neck(tokens.reshape(b, gh, gw, c).permute(0, 3, 1, 2))  # once per image
         feats, mask = _pad_text(text.tokens, text.mask)
