@@ -35,7 +35,7 @@ def setup_threads(cfg: T.TrainConfig, local_processes: int) -> int:
 
 def make_model(cfg: T.TrainConfig) -> vlseg.VLSegModel:
     if cfg.resume:
-        return vlseg.load(cfg.resume)
+        return vlseg.load(T.recover_checkpoint(cfg.resume))
     model = vlseg.load_or_create(cfg.model, cfg.pretrained) if not cfg.model_overrides else \
         vlseg.create_model(cfg.model, pretrained=cfg.pretrained, **cfg.model_overrides)
     if cfg.train_parts == "lora":
@@ -53,37 +53,41 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = T.load_config(args.config, args.overrides)
 
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import broadcast_object_list, gather_object, set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     # Several processes on a machine without GPUs (`accelerate launch --multi_gpu --num_processes 2` there):
     # ask accelerate for MULTI_CPU (gloo); otherwise it would run each process alone.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=multi_cpu)
-    threads = setup_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if \
-        accelerator.device.type == "cpu" else None
+    state = PartialState(cpu=multi_cpu)
+    threads = setup_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if state.device.type == "cpu" else None
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     log = T.MetricsLog(out / "metrics.jsonl")
-    if accelerator.is_main_process:
+    if state.is_main_process:
         if (out / "last").exists() and not cfg.resume and not cfg.overwrite:
             raise ValueError(f"{out} already holds a run; pass resume={out}/last or overwrite=true")
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         if cfg.overwrite and not cfg.resume:
             log.path.unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
+    state.wait_for_everyone()
 
     model = make_model(cfg)
     if cfg.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
-    model.to(accelerator.device)
+    model.to(state.device)
     task = T.get_task(cfg.task or model.family.capabilities.task)
     train_ds, val_ds = task.datasets(cfg)
-    batcher = task.batcher(model, train_ds, cfg, accelerator.process_index, accelerator.num_processes)
+    batcher = task.batcher(model, train_ds, cfg, state.process_index, state.num_processes)
+    precision, precision_report = cfg.mixed_precision, None
+    if precision == "auto":  # measured here, on the main process, and the same choice for every process
+        choice = [T.choose_mixed_precision(model, task, batcher(0, state.device), state.device)
+                  if state.is_main_process else None]
+        precision, precision_report = broadcast_object_list(choice)[0] if state.num_processes > 1 else choice[0]
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, cpu=multi_cpu)
     cache = None
     if cfg.cache_features != "off":
         blockers = T.cache_blockers(model) + ([] if task.pixels_repeat(cfg) else ["augmentation changes pixels"])
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
             cache = T.FeatureCache(model, directory=(out / "feature_cache") if cfg.cache_features == "disk" else None)
     accelerator.print(model.format_trainable_summary())
     accelerator.print(f"task {task.name}: train samples {len(train_ds)}, val samples {len(val_ds)}, feature cache "
-                      f"{'on' if cache else 'off'}, {threads or 'GPU'} CPU thread(s) per process")
+                      f"{'on' if cache else 'off'}, {threads or 'GPU'} CPU thread(s) per process, mixed precision "
+                      f"{precision}" + (f" ({precision_report['reason']})" if precision_report else ""))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         T.plot_curves(log.path, out / "curves.png")
         final = {"step": step, "elapsed_s": round(time.time() - t0, 1), "threads_per_process": threads,
-                 "processes": accelerator.num_processes, "weights_sha256_per_process": digests}
+                 "processes": accelerator.num_processes, "mixed_precision": precision,
+                 "mixed_precision_choice": precision_report, "weights_sha256_per_process": digests}
         if step == cfg.max_steps and (out / "best").is_dir():  # calibrate on the validation split, keep it
             best_model = vlseg.load(out / "best", device=accelerator.device)
             report = task.finish(best_model, val_ds, cfg)

@@ -410,11 +410,8 @@ PROMPTS: dict[str, Case] = {
     "prompt-bytes": Case(lambda t, _: [b"polyp"], lambda p: seg(rgb(), p), TypeError, "prompts must be"),
     "prompt-none": Case(lambda t, _: None, lambda p: seg(rgb(), p), TypeError),
     "prompt-mixed-str-int": Case(lambda t, _: ["polyp", 3], lambda p: seg(rgb(), p), TypeError),
-    "prompt-dict": Case(lambda t, _: {"polyp": 1}, lambda p: seg(rgb(), p), TypeError,
-                        xfail="vlseg.segment iterates a dict's keys; the check belongs in inference.py/model.py"),
-    "prompt-nested-lists": Case(lambda t, _: [["polyp"]], lambda p: seg(rgb(), p), TypeError,
-                                xfail="vlseg.segment documents K strings but takes per-image lists for one image; "
-                                      "the check belongs in inference.py"),
+    "prompt-dict": Case(lambda t, _: {"polyp": 1}, lambda p: seg(rgb(), p), TypeError),
+    "prompt-nested-lists": Case(lambda t, _: [["polyp"]], lambda p: seg(rgb(), p), TypeError),
     "threshold-nan": Case(lambda t, _: float("nan"), lambda x: seg(rgb(), "polyp", threshold=x), ValueError,
                           "threshold"),
     "presence-threshold-text": Case(lambda t, _: "high", lambda x: seg(rgb(), "polyp", presence_threshold=x),
@@ -531,10 +528,8 @@ CONFIGS: dict[str, Case] = {
         "could not determine a constructor", name_of),
     "yaml-negative-batch": Case(lambda t, _: yaml_file(t, "batch_size: -1\n"), load_config, ValueError,
                                 "batch_size must be >= 1"),
-    "yaml-bool-for-int": Case(lambda t, _: yaml_file(t, "max_steps: true\n"), load_config, ValueError, "max_steps",
-                              xfail="pydantic's lax mode reads true as 1 (vlseg/training/config.py)"),
-    "yaml-text-for-bool": Case(lambda t, _: yaml_file(t, "overwrite: 'yes'\n"), load_config, ValueError, "overwrite",
-                               xfail="pydantic's lax mode reads 'yes' as True (vlseg/training/config.py)"),
+    "yaml-bool-for-int": Case(lambda t, _: yaml_file(t, "max_steps: true\n"), load_config, ValueError, "max_steps"),
+    "yaml-text-for-bool": Case(lambda t, _: yaml_file(t, "overwrite: 'yes'\n"), load_config, ValueError, "overwrite"),
 }
 
 CASES: dict[str, Case] = {**IMAGES, **MASKS, **DICOM, **NIFTI, **PROMPTS, **MODELS, **MANIFESTS, **CONFIGS}

@@ -166,3 +166,27 @@ def test_bad_model_is_one_readable_error(mf, tmp_path):
     r = subprocess.run([sys.executable, str(TRAIN), *base_args(mf, tmp_path / "x", 1), "model=tiny-tset"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and r.stderr.startswith("error: Unknown model 'tiny-tset'") and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_resume_equals_uninterrupted_with_canvases(shared_data, tmp_path):
+    """Composite canvases, several prompts per image and negatives are drawn from (seed, step): a resumed run
+    equals an uninterrupted one; the finished run stores a calibrated presence threshold and reports language use."""
+    mf = shared_data / "manifest_all.jsonl"
+    args = ["model=tiny-test", "pretrained=false", f"data=[{{manifest: {mf}}}]", "max_steps=6", "batch_size=3",
+            "eval_every=3", "eval_max_samples=4", "warmup_steps=1", "lr=0.01", "augment={hflip: 0.5}",
+            "prompts_per_image=3", "composite_rate=0.5", "negative_rate=0.3", "cache_features=off"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    run([*args, f"output_dir={a}"])
+    run([*args, f"output_dir={b}", "stop_after=3"])
+    run([*args, f"output_dir={b}", f"resume={b}/last"])
+    wa, wb = load_file(a / "last" / "model.safetensors"), load_file(b / "last" / "model.safetensors")
+    for k in wa:
+        assert np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-6), k
+    assert np.allclose(losses(a), losses(b), atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (b / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == [1, 2, 3, 4, 5, 6]  # no step logged twice after the resume
+    final = json.loads((a / "final.json").read_text())
+    t = final["finish"]["presence_calibration"]["threshold"]
+    assert vlseg.load(a / "best").config.presence_threshold == pytest.approx(t)
+    assert final["finish"]["language_use"]["summary_line"].startswith("language use: ")

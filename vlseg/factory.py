@@ -60,7 +60,9 @@ def _check_state(model: VLSegModel, ck: Checkpoint, state: dict[str, torch.Tenso
     unexpected = sorted(set(state) - set(own))
     missing = sorted(expected - set(state))
     bad_shape = sorted(k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape))
-    if unexpected or missing or bad_shape:
+    bad_dtype = sorted(k for k in state if k in own and k not in bad_shape and
+                       state[k].is_floating_point() != own[k].is_floating_point())
+    if unexpected or missing or bad_shape or bad_dtype:
         parts = []
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:3]}")
@@ -70,6 +72,9 @@ def _check_state(model: VLSegModel, ck: Checkpoint, state: dict[str, torch.Tenso
             k = bad_shape[0]
             parts.append(f"{len(bad_shape)} shape mismatch(es), e.g. {k}: file {tuple(state[k].shape)} vs model "
                          f"{tuple(own[k].shape)}")
+        if bad_dtype:
+            k = bad_dtype[0]
+            parts.append(f"{len(bad_dtype)} dtype mismatch(es), e.g. {k}: file {state[k].dtype} vs model {own[k].dtype}")
         raise CheckpointError(f"Weights in {ck.folder} do not fit its config: " + "; ".join(parts))
 
 

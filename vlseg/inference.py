@@ -181,14 +181,24 @@ class Prediction:
     instances: list[Instances] | None = None
 
 
+def _prompt_list(prompts: Any) -> list[str]:
+    """One string or a list/tuple of K strings -> the K strings (checked before any image work)."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        shown = type(prompts).__name__ if not isinstance(prompts, (list, tuple)) else \
+            f"a list holding {sorted({type(p).__name__ for p in prompts if not isinstance(p, str)})}"
+        raise TypeError(f"prompts must be a string or a list of strings, got {shown}")
+    return list(prompts)
+
+
 def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
             presence_threshold: PresenceThreshold = "model", boxes: Sequence[Any] | None = None,
             box_labels: Sequence[Any] | None = None) -> Prediction:
     """Masks, probabilities, presence scores (and instances, for families that detect them) for one 2D image
     (path, PIL or array) and K prompts; ``boxes``/``box_labels`` as in ``segment``."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    normalize_prompts(list(prompts), 1)
+    prompts = _prompt_list(prompts)
+    normalize_prompts(prompts, 1)
     if not isinstance(model, VLSegModel):
         raise TypeError(f"predict() needs a VLSegModel, got {type(model).__name__}")
     _check_boxes(model, boxes)
@@ -237,9 +247,8 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     """
     if not isinstance(model, VLSegModel):
         raise TypeError(f"segment() needs a VLSegModel (vlseg.create_model / vlseg.load), got {type(model).__name__}")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    normalize_prompts(list(prompts), 1, allow_empty=allow_empty_prompts)  # validate before any image work
+    prompts = _prompt_list(prompts)
+    normalize_prompts(prompts, 1, allow_empty=allow_empty_prompts)  # validate before any image work
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     _check_boxes(model, boxes)

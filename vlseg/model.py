@@ -147,6 +147,16 @@ class VLSegModel(nn.Module):
                 enc.eval()  # frozen encoders keep eval behaviour (dropout off, BN stats fixed)
         return self
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles carry no lock and no cached embeddings (``copy.deepcopy(model)`` works)."""
+        state = dict(self.__dict__)
+        state.update(_cache_lock=None, _text_cache=OrderedDict(), _frozen_text_cache=OrderedDict())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._cache_lock = threading.Lock()
+
     def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         self._text_cache.clear()  # device/dtype changes invalidate cached embeddings
         self._frozen_text_cache.clear()
@@ -174,8 +184,11 @@ class VLSegModel(nn.Module):
         if not (self.training or torch.is_grad_enabled()):
             feats = self._cached(unique, self._text_cache, lambda ps: self._run_text_encoder(ps))
         elif self.config.freeze_text and not has_lora(self.text_encoder):
+            # Each new prompt is encoded alone: its cached value then never depends on which prompts it happened to
+            # be batched with (float sums differ with padding), so a resumed run matches an uninterrupted one.
             with torch.no_grad():
-                fixed = self._cached(unique, self._frozen_text_cache, lambda ps: self._run_text_encoder(ps, True))
+                fixed = self._cached(unique, self._frozen_text_cache,
+                                     lambda ps: TextFeatures.cat([self._run_text_encoder([p], True) for p in ps]))
             feats = self.text_encoder.project(fixed)
         else:
             feats = self._run_text_encoder(unique)

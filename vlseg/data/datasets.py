@@ -142,7 +142,8 @@ def from_manifest(path: str | Path, root: str | Path | None = None, split: str |
         raise DataError(f"{p} is not UTF-8 text ({e}); save the manifest as UTF-8") from e
     if not rows:
         raise DataError(f"Manifest {p} has no rows")
-    records, seen = [], {}
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str], int] = {}
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise DataError(f"{p}: row {n} is a JSON {type(row).__name__}, not an object with an 'image' key")
@@ -153,8 +154,8 @@ def from_manifest(path: str | Path, root: str | Path | None = None, split: str |
             if (k == "image" or v is not None) and not (isinstance(v, str) and (v or k == "mask")):
                 raise DataError(f"{p}: row {n}: {k!r} must be a non-empty string, got {v!r}")
         names, spacing = row.get("class_names"), row.get("spacing")
-        if names is not None and not (isinstance(names, list) and names and all(isinstance(c, str) for c in names)):
-            raise DataError(f"{p}: row {n}: 'class_names' must be a non-empty list of strings, got {names!r}")
+        if names is not None and not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+            raise DataError(f"{p}: row {n}: 'class_names' must be a list of strings, got {names!r}")
         if spacing not in (None, "") and not (isinstance(spacing, list) and len(spacing) in (2, 3) and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in spacing)):
             raise DataError(f"{p}: row {n}: 'spacing' must be 2 or 3 positive numbers (mm), got {spacing!r}")
@@ -334,7 +335,8 @@ def train_val_split(ds: SampleDataset, val_fraction: float = 0.2, seed: int = 0,
     by_ds: dict[str, dict[str, list[int]]] = {}
     for i, r in enumerate(ds.records):
         by_ds.setdefault(str(r.get("dataset", "")), {}).setdefault(ds.group_of(i), []).append(i)
-    train, val = [], []
+    train: list[int] = []
+    val: list[int] = []
     rng = random.Random(seed)
     for name in sorted(by_ds):
         groups = sorted(by_ds[name])
@@ -378,12 +380,12 @@ class PooledDataset(SampleDataset):
             w = dict(zip(items, map(float, weights)))
         self.parts = items
         self.weights = w
-        self.index = [(k, i) for k, d in items.items() for i in range(len(d))]
-        self.records = [{**items[k].records[i], "_part": k} for k, i in self.index]
+        self.locations = [(k, i) for k, d in items.items() for i in range(len(d))]  # (part, index in part)
+        self.records = [{**items[k].records[i], "_part": k} for k, i in self.locations]
         self.prompt_fn = None
 
     def __getitem__(self, i: int) -> Sample:  # type: ignore[override]
-        k, j = self.index[i]
+        k, j = self.locations[i]
         return self.parts[k][j]
 
     def load(self, record: dict[str, Any]) -> Sample:
@@ -392,4 +394,4 @@ class PooledDataset(SampleDataset):
     def item_weights(self) -> list[float]:
         """Per-sample weights so dataset d is drawn with probability weight_d / sum(weights)."""
         total = sum(self.weights.values())
-        return [self.weights[k] / total / len(self.parts[k]) for k, _ in self.index]
+        return [self.weights[k] / total / len(self.parts[k]) for k, _ in self.locations]

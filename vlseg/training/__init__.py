@@ -6,16 +6,19 @@
 - ``save_checkpoint_atomic``, ``load_train_state``, ``rng_state`` / ``set_rng_state``: exact resume without
   pickles; ``MetricsLog``, ``plot_curves``, ``weights_digest``.
 - ``SegmentationLoss``: Dice + BCE (+ focal) + presence.
+- ``choose_mixed_precision``: ``mixed_precision: auto``, bf16 only where it measures faster on this machine.
 """
 
 from ..cache import FeatureCache, cache_blockers
 from ..losses import SegmentationLoss
 from . import segmentation  # noqa: F401  (registers the segmentation task)
 from .config import TrainConfig, load_config, parse_overrides
+from .precision import choose_mixed_precision
 from .state import (
     MetricsLog,
     load_train_state,
     plot_curves,
+    recover_checkpoint,
     rng_state,
     save_checkpoint_atomic,
     save_train_state,
@@ -26,6 +29,6 @@ from .tasks import TASKS, Batch, Evaluation, Task, get_task, register_task
 
 __all__ = [
     "TASKS", "Batch", "Evaluation", "FeatureCache", "MetricsLog", "SegmentationLoss", "Task", "TrainConfig",
-    "cache_blockers", "get_task", "load_config", "load_train_state", "parse_overrides", "plot_curves",
-    "register_task", "rng_state", "save_checkpoint_atomic", "save_train_state", "set_rng_state", "weights_digest",
+    "cache_blockers", "choose_mixed_precision", "get_task", "load_config", "load_train_state", "parse_overrides", "plot_curves",
+    "recover_checkpoint", "register_task", "rng_state", "save_checkpoint_atomic", "save_train_state", "set_rng_state", "weights_digest",
 ]

@@ -1,6 +1,7 @@
 """``TrainConfig``: every option of a fine-tuning run, one typed dataclass. Read from YAML plus ``key=value``
 overrides (values parsed as YAML, nested keys with dots), validated with pydantic: wrong types and unknown keys are
-errors that name the key. The resolved config is saved with the run."""
+errors that name the key (integers and booleans strictly: ``max_steps: true`` or ``overwrite: 'yes'`` are errors,
+not 1 and True). The resolved config is saved with the run."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, StrictBool, StrictInt, TypeAdapter, ValidationError
 
 
 @dataclass
@@ -38,7 +39,7 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     train_parts: Literal["decoder", "lora", "full"] = "decoder"
     lora: dict[str, Any] | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: StrictBool = False
     # task
     task: str | None = None
     task_options: dict[str, Any] = field(default_factory=dict)
@@ -48,36 +49,36 @@ class TrainConfig:
     prompt_levels: list[str] = field(default_factory=lambda: [f"p{i}" for i in range(1, 10)])
     eval_levels: list[str] = field(default_factory=lambda: ["p1", "p6"])
     negative_rate: float = 0.1
-    prompts_per_image: int = 1  # K prompts per training image: its classes and negatives (empty targets)
+    prompts_per_image: StrictInt = 1  # K prompts per training image: its classes and negatives (empty targets)
     hard_negative_rate: float = 0.5  # share of negatives drawn from look-alike classes (prompts/hard_negatives.json)
     composite_rate: float = 0.0  # share of training images that are composite canvases of 2-4 images
-    composite_tiles: list[int] = field(default_factory=lambda: [2, 4])  # fewest, most tiles per canvas
-    calibrate_presence: bool = True  # after training, choose the presence threshold on the validation split
+    composite_tiles: list[StrictInt] = field(default_factory=lambda: [2, 4])  # fewest, most tiles per canvas
+    calibrate_presence: StrictBool = True  # after training, choose the presence threshold on the validation split
     augment: dict[str, Any] | None = field(default_factory=lambda: {"hflip": 0.5})
     # optimisation
-    batch_size: int = 8
-    grad_accum: int = 1
+    batch_size: StrictInt = 8
+    grad_accum: StrictInt = 1
     lr: float = 3e-4
     weight_decay: float = 0.01
-    warmup_steps: int = 20
-    max_steps: int = 300
-    stop_after: int | None = None  # stop early at this step (the schedule still follows max_steps)
+    warmup_steps: StrictInt = 20
+    max_steps: StrictInt = 300
+    stop_after: StrictInt | None = None  # stop early at this step (the schedule still follows max_steps)
     grad_clip: float = 1.0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    seed: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where measured faster
+    seed: StrictInt = 0
     loss: dict[str, float] = field(default_factory=lambda: {"dice_weight": 1.0, "bce_weight": 1.0,
                                                              "focal_weight": 0.0, "presence_weight": 0.2})
     # frozen-feature cache: auto (when the image encoder is frozen and inputs repeat) | off | memory | disk
     cache_features: Literal["auto", "off", "memory", "disk"] = "auto"
     # evaluation and checkpoints
-    eval_every: int = 100
-    eval_max_samples: int | None = 200
+    eval_every: StrictInt = 100
+    eval_max_samples: StrictInt | None = 200
     best_metric: str = "dice"
     output_dir: str = "runs/train"
-    overwrite: bool = False
+    overwrite: StrictBool = False
     resume: str | None = None
-    log_tensorboard: bool = False
-    threads: int | None = None  # CPU threads per process (default: what the launcher gives, see below)
+    log_tensorboard: StrictBool = False
+    threads: StrictInt | None = None  # CPU threads per process (default: what the launcher gives, see below)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "prompts_per_image"):

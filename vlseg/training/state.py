@@ -95,14 +95,51 @@ def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system has no such call."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EPERM):  # no kernel or filesystem support: rename instead
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def recover_checkpoint(folder: str | os.PathLike[str]) -> Path:
+    """``folder`` (e.g. ``runs/x/last``), restored from ``.last.old`` if a crash on a system without atomic exchange
+    left only that (with a warning)."""
+    import warnings
+
+    final = Path(folder)
+    old = final.parent / f".{final.name}.old"
+    if not final.exists() and old.is_dir():
+        warnings.warn(f"{final} was missing after an interrupted save; restored the previous {final.name}/ from "
+                      f"{old.name}", stacklevel=2)
+        os.replace(old, final)
+    return final
+
+
 def save_checkpoint_atomic(model: Any, out: str | os.PathLike[str], name: str, state: dict[str, Any]) -> Path:
-    """Write ``out/name`` (a ``vlseg.load``-able checkpoint plus the training state) via a temporary folder and a
-    rename, so ``out/name`` is always either the previous complete checkpoint or the new one."""
+    """Write ``out/name`` (a ``vlseg.load``-able checkpoint plus the training state) into a temporary folder and
+    swap it in atomically, so ``out/name`` is always either the previous complete checkpoint or the new one
+    (where the system cannot swap atomically, a crash between two renames is recovered by ``recover_checkpoint``)."""
     out = Path(out)
     tmp, old, final = out / f".{name}.tmp", out / f".{name}.old", out / name
+    recover_checkpoint(final)
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     save_train_state(tmp, state)
+    if final.exists() and _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous checkpoint
+        return final
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
@@ -123,9 +160,22 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
+        """The records; a torn last line (the process was killed while writing it) is dropped with a warning."""
         if not self.path.is_file():
             return []
-        return [json.loads(x) for x in self.path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        lines = [x for x in self.path.read_text(encoding="utf-8").splitlines() if x.strip()]
+        out = []
+        for n, line in enumerate(lines, 1):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if n < len(lines):
+                    raise ValueError(f"{self.path}:{n} is not a JSON record") from None
+                import warnings
+
+                warnings.warn(f"{self.path}: dropped a torn last line (the run was interrupted while logging)",
+                              stacklevel=2)
+        return out
 
     def truncate(self, step: int) -> None:
         keep = [r for r in self.records() if int(r.get("step", 0)) <= step]
@@ -167,5 +217,5 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-__all__ = ["MetricsLog", "load_train_state", "plot_curves", "rng_state", "save_checkpoint_atomic",
+__all__ = ["MetricsLog", "load_train_state", "plot_curves", "recover_checkpoint", "rng_state", "save_checkpoint_atomic",
            "save_train_state", "set_rng_state", "weights_digest"]

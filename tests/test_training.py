@@ -1,0 +1,169 @@
+"""vlseg.training: typed config, pickle-free training state, metrics log, deterministic language-use batches,
+mixed precision chosen by measurement."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import vlseg
+from vlseg import training as T
+
+
+def test_config_types_and_unknown_keys():
+    cfg = T.load_config(None, ["data=[{manifest: m.jsonl}]", "cache_features=off", "loss.dice_weight=2",
+                               "composite_rate=0.5", "mixed_precision=auto"])
+    assert cfg.cache_features == "off" and cfg.loss == {"dice_weight": 2.0} and cfg.composite_rate == 0.5
+    for bad, msg in ((["lr=abc"], "lr"), (["batch_size=0"], "batch_size"), (["composite_rate=2"], "composite_rate"),
+                     (["cache_features=sometimes"], "cache_features"), (["composite_tiles=[1, 9]"], "composite_tiles"),
+                     (["lr_rate=1"], "unknown config key")):
+        with pytest.raises(ValueError, match=msg):
+            T.load_config(None, ["data=[{manifest: m.jsonl}]", *bad])
+    with pytest.raises(ValueError, match="no training data"):
+        T.load_config(None, [])
+
+
+def test_yaml_file_with_wrong_types_names_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("data: [{manifest: m.jsonl}]\nmax_steps: many\n")
+    with pytest.raises(ValueError, match="max_steps"):
+        T.load_config(p, [])
+
+
+def test_train_state_round_trip_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "step": 7, "best": 0.5, "rng": T.rng_state()}
+    T.save_train_state(tmp_path, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer_state.json", "trainer_state.safetensors"]
+    back = T.load_train_state(tmp_path)
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt2.load_state_dict(back["optimizer"])
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"] and set(s1["state"]) == set(s2["state"]) == {0, 1}
+    for k in s1["state"]:
+        for name, v in s1["state"][k].items():
+            assert torch.equal(v, s2["state"][k][name])
+    before = (torch.rand(3), np.random.rand(3))
+    T.set_rng_state(back["rng"])
+    T.set_rng_state(state["rng"])
+    again = (torch.rand(3), np.random.rand(3))
+    T.set_rng_state(state["rng"])
+    assert torch.equal(torch.rand(3), again[0]) and before is not None
+    with pytest.raises(ValueError, match="no training state"):
+        T.load_train_state(tmp_path / "nope")
+
+
+def test_metrics_log_truncates_replayed_steps(tmp_path):
+    log = T.MetricsLog(tmp_path / "m.jsonl")
+    for s in (1, 2, 3, 4, 5):
+        log.write({"step": s, "loss": 1.0 / s})
+    log.truncate(3)
+    for s in (4, 5):
+        log.write({"step": s, "loss": 0.0})
+    steps = [r["step"] for r in log.records()]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def _shared_train(shared_data):
+    ds = vlseg.data.from_manifest(shared_data / "manifest_all.jsonl")
+    return vlseg.data.split_sources([{"manifest": str(shared_data / "manifest_all.jsonl")}], 0.2, 0)[0], ds
+
+
+def test_batches_are_deterministic_and_use_language(shared_data):
+    """The same (seed, step) gives the same batch from a fresh batcher; canvas and negative targets are right."""
+    train, _ = _shared_train(shared_data)
+    cfg = T.load_config(None, [f"data=[{{manifest: {shared_data / 'manifest_all.jsonl'}}}]", "batch_size=6",
+                               "prompts_per_image=4", "composite_rate=0.5", "negative_rate=0.3", "augment=null"])
+    proc = vlseg.create_model("tiny-test", pretrained=False).processor
+    task = T.get_task("segmentation")
+    a = task.batcher(type("M", (), {"processor": proc})(), train, cfg, 0, 1)
+    b = task.batcher(type("M", (), {"processor": proc})(), train, cfg, 0, 1)
+    seen_canvas = seen_negative = False
+    for step in range(4):
+        x, y = a(step, "cpu"), b(step, "cpu")
+        assert x.inputs["prompts"] == y.inputs["prompts"] and x.keys == y.keys
+        assert torch.equal(x.pixel_values, y.pixel_values) and torch.equal(x.inputs["targets"], y.inputs["targets"])
+        assert x.inputs["targets"].shape == (6, 4, 64, 64)
+        seen_canvas |= any(k is None for k in x.keys)
+        seen_negative |= bool((x.inputs["targets"].flatten(2).amax(-1) == 0).any())
+    assert seen_canvas and seen_negative
+    assert a(1, "cpu").inputs["prompts"] != a(2, "cpu").inputs["prompts"]
+
+
+def test_mixed_precision_auto_is_measured(monkeypatch):
+    from vlseg.training import precision as P
+
+    class Info:
+        cpu_bf16 = False
+        cuda_bf16 = False
+
+        def describe(self, device):
+            return "test cpu"
+
+    monkeypatch.setattr(P, "machine_info", lambda device=None: Info())
+    choice, rep = P.choose_mixed_precision(None, None, None, "cpu")
+    assert choice == "no" and "not native" in rep["reason"]
+    Info.cpu_bf16 = True
+    monkeypatch.setattr(P, "_step_seconds", lambda m, t, b, bf16, d, r: 1.0 if bf16 else 2.0)
+    model = vlseg.create_model("tiny-test", pretrained=False)
+    choice, rep = P.choose_mixed_precision(model, None, None, "cpu")
+    assert choice == "bf16" and rep["speedup"] == 2.0
+    monkeypatch.setattr(P, "_step_seconds", lambda m, t, b, bf16, d, r: 1.05 if bf16 else 1.0)
+    assert P.choose_mixed_precision(model, None, None, "cpu")[0] == "no"
+
+
+def test_model_deepcopy_has_its_own_lock_and_no_cache():
+    import copy
+
+    m = vlseg.create_model("tiny-test", pretrained=False)
+    with torch.inference_mode():
+        m(torch.randn(1, 3, 64, 64), ["polyp"])
+    c = copy.deepcopy(m)
+    assert c._cache_lock is not m._cache_lock and len(c._text_cache) == 0 and len(m._text_cache) == 1
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), c.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    json.dumps(c.config.to_dict())
+
+
+def test_interrupted_swap_without_atomic_exchange_is_recovered(tmp_path, monkeypatch):
+    """Where the system cannot swap folders atomically, a crash between the two renames leaves only .last.old:
+    the next save or resume restores it (with a warning), so last/ is never lost."""
+    import os
+
+    from vlseg.training import state as S
+
+    tiny = vlseg.create_model("tiny-test", pretrained=False)
+    S.save_checkpoint_atomic(tiny, tmp_path, "last", {"step": 1})
+    monkeypatch.setattr(S, "_exchange", lambda a, b: False)
+    real = os.replace
+
+    def dying(src, dst):
+        if str(dst) == str(tmp_path / "last"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(S.os, "replace", dying)
+    with pytest.raises(KeyboardInterrupt):
+        S.save_checkpoint_atomic(tiny, tmp_path, "last", {"step": 2})
+    monkeypatch.setattr(S.os, "replace", real)
+    assert not (tmp_path / "last").exists() and (tmp_path / ".last.old").is_dir()
+    with pytest.warns(UserWarning, match="restored"):
+        folder = T.recover_checkpoint(tmp_path / "last")
+    assert T.load_train_state(folder)["step"] == 1 and vlseg.load(folder) is not None
+
+
+def test_checkpoint_dtype_mismatch_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny = vlseg.create_model("tiny-test", pretrained=False)
+    folder = tiny.save_pretrained(tmp_path / "ck")
+    state = load_file(f"{folder}/model.safetensors")
+    k = next(k for k, v in state.items() if v.is_floating_point())
+    state[k] = state[k].to(torch.int32)
+    save_file(state, f"{folder}/model.safetensors")
+    with pytest.raises(vlseg.CheckpointError, match="dtype mismatch"):
+        vlseg.load(folder)
