@@ -7,6 +7,7 @@ axis, and writing a predicted mask volume back with the same affine so it overla
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,7 +267,7 @@ def read_dicom_series(folder: str | Path, win: str | tuple[float, float] | None 
                   space="LPS")
 
 
-def read_nifti(path: str | Path) -> Volume:
+def read_nifti(path: str | os.PathLike[str]) -> Volume:
     """A NIfTI file (.nii / .nii.gz) -> Volume with the file's affine and voxel spacing (data as stored)."""
     nib = _need("nibabel")
     p = Path(path)
@@ -294,7 +295,8 @@ def volume_slices(volume: Volume, axis: int = 2, win: str | tuple[float, float] 
     return [np.take(data, i, axis=axis) for i in range(data.shape[axis])]
 
 
-def write_nifti(mask: np.ndarray, like: Volume | np.ndarray, path: str | Path, overwrite: bool = False) -> str:
+def write_nifti(mask: np.ndarray, like: Volume | np.ndarray, path: str | os.PathLike[str],
+                overwrite: bool = False) -> str:
     """Write a mask volume (same shape as the source volume's data) as uint8 NIfTI with the source's affine (in
     RAS, converted from DICOM's LPS for series) and header (when it came from NIfTI), so it overlays on the image
     in 3D Slicer. Never overwrites unless asked."""

@@ -18,7 +18,8 @@ class _Encoder(nn.Module):
     """What image and text towers share: the LoRA host (``backbone``), the parameters that stay trainable when the
     tower is frozen, and gradient checkpointing as a declared capability."""
 
-    backbone: nn.Module
+    #: where LoRA goes: an upstream module whose attributes are backend-specific (typed loosely on purpose)
+    backbone: Any
     #: parameter-name prefixes (within this module) that stay trainable when the encoder is frozen
     trainable_prefixes: tuple[str, ...] = ()
 
@@ -88,8 +89,9 @@ class TextEncoder(_Encoder):
                 continue
             n = count_tokens(getattr(self, "tokenizer", None), t)
             if n > limit:
-                warnings.warn(f"Prompt {i} is {n} tokens long; the text encoder reads {limit}, so it was truncated "
-                              f"to its first {limit} tokens ({t[:40]!r}...)", stacklevel=3)
+                warnings.warn(f"A prompt is longer than the {limit} tokens this text encoder reads; it was truncated "
+                              f"to its first {limit} tokens", stacklevel=3)
+                return
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """Strings -> {"input_ids": (K, L) long, "attention_mask": (K, L) long}, cut to ``info.max_length``."""
@@ -98,6 +100,15 @@ class TextEncoder(_Encoder):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
         """(K, L) ids and mask -> TextFeatures with tokens (K, L, Dt), mask (K, L), pooled (K, D)."""
         raise NotImplementedError
+
+    def encode_frozen(self, input_ids: Tensor, attention_mask: Tensor) -> TextFeatures:
+        """The part of ``forward`` that stays fixed while the tower is frozen (everything but ``project``), so
+        training can cache it per prompt. ``forward == project(encode_frozen(...))``."""
+        return self.forward(input_ids, attention_mask)
+
+    def project(self, features: TextFeatures) -> TextFeatures:
+        """The trainable head applied after ``encode_frozen`` (identity unless a tower has one)."""
+        return features
 
 
 def check_options(cfg: Any, allowed: set[str]) -> None:

@@ -23,7 +23,7 @@ from .base import EncoderPair, ImageEncoder, TextEncoder, check_options
 _INTERP = {"bicubic": 3, "bilinear": 2, "nearest": 0}
 
 
-def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _load(cfg: EncoderConfig, load_weights: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """Return (open_clip model, tokenizer, preprocess cfg)."""
     import open_clip
 
@@ -127,7 +127,7 @@ def _load_error(name: str, shown: str, e: Exception) -> Exception:
     return download_hint(shown, e)
 
 
-def _build_inline(model_cfg: dict[str, Any], opts: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _build_inline(model_cfg: dict[str, Any], opts: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """An architecture given inline (tests, custom models): built directly with random weights, no registry."""
     import open_clip
 
@@ -140,7 +140,7 @@ def _build_inline(model_cfg: dict[str, Any], opts: dict[str, Any]) -> tuple[nn.M
     return model, tokenizer, pp
 
 
-def _build_offline(arch: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
+def _build_offline(arch: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     """Build an ``hf-hub:`` open_clip architecture (e.g. BiomedCLIP) with random weights and no network.
 
     The HF text config comes from the preset; the WordPiece vocabulary from an installed offline BERT-uncased
@@ -151,7 +151,7 @@ def _build_offline(arch: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]
 
     import open_clip
     from open_clip.tokenizer import HFTokenizer
-    from transformers import AutoConfig, BertTokenizerFast
+    from transformers import AutoConfig, BertTokenizerFast  # type: ignore[attr-defined]
 
     from ..sources import offline_mirror
 
@@ -179,7 +179,7 @@ def _build_offline(arch: dict[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]
 class OpenClipImageEncoder(ImageEncoder):
     """The image tower of an open_clip model (native ViT or timm trunk)."""
 
-    def __init__(self, visual: nn.Module, preprocess: dict[str, Any], embed_dim: int):
+    def __init__(self, visual: Any, preprocess: dict[str, Any], embed_dim: int):
         super().__init__()
         from open_clip.transformer import VisionTransformer
 
@@ -249,7 +249,7 @@ class OpenClipImageEncoder(ImageEncoder):
 class _NativeText(nn.Module):
     """The text parts of ``open_clip.CLIP`` (which keeps them as attributes of the whole model)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Any):
         super().__init__()
         self.token_embedding = model.token_embedding
         self.positional_embedding = model.positional_embedding
@@ -265,7 +265,8 @@ class _NativeText(nn.Module):
 
         n = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:n]
-        mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        full: Tensor | None = self.attn_mask  # type: ignore[assignment]
+        mask = full[:n, :n] if full is not None else None
         x = self.ln_final(self.transformer(x, attn_mask=mask))
         pooled = text_global_pool(x, ids, self.pool_type, eos_token_id=self.eos_id)
         if self.text_projection is not None:
@@ -303,7 +304,7 @@ class OpenClipTextEncoder(TextEncoder):
 class NativeTextEncoder(OpenClipTextEncoder):
     """``open_clip.CLIP``'s own causal text transformer."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int):
+    def __init__(self, model: Any, tokenizer: Any, embed_dim: int):
         super().__init__(_NativeText(model), tokenizer, model.transformer.width, model.context_length, embed_dim)
 
     def blocks(self) -> Sequence[nn.Module]:
@@ -318,7 +319,7 @@ class NativeTextEncoder(OpenClipTextEncoder):
 class TowerTextEncoder(OpenClipTextEncoder):
     """An open_clip ``TextTransformer`` tower (``CustomTextCLIP.text``)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int):
+    def __init__(self, model: Any, tokenizer: Any, embed_dim: int):
         text = model.text
         text.output_tokens = True
         super().__init__(text, tokenizer, text.width, text.context_length, embed_dim)
@@ -340,7 +341,7 @@ class HFTowerTextEncoder(OpenClipTextEncoder):
     causal = False
     lora_targets = ("query", "key", "value", "dense")
 
-    def __init__(self, model: nn.Module, tokenizer: Any, embed_dim: int):
+    def __init__(self, model: Any, tokenizer: Any, embed_dim: int):
         text = model.text
         super().__init__(text, tokenizer, text.config.hidden_size, getattr(tokenizer, "context_length", 256),
                          embed_dim)
@@ -356,7 +357,7 @@ class HFTowerTextEncoder(OpenClipTextEncoder):
         return TextFeatures(tokens=out.last_hidden_state, mask=attention_mask.bool(), pooled=pooled)
 
 
-def text_encoder_for(model: nn.Module, tokenizer: Any, embed_dim: int) -> OpenClipTextEncoder:
+def text_encoder_for(model: Any, tokenizer: Any, embed_dim: int) -> OpenClipTextEncoder:
     """The text tower class that fits this open_clip model (chosen once, by the type of its text module)."""
     from open_clip.hf_model import HFTextEncoder
 
@@ -368,7 +369,7 @@ def text_encoder_for(model: nn.Module, tokenizer: Any, embed_dim: int) -> OpenCl
     return TowerTextEncoder(model, tokenizer, embed_dim)
 
 
-def _embed_dim(model: nn.Module) -> int:
+def _embed_dim(model: Any) -> int:
     for part in (model.visual, getattr(model, "text", None)):
         dim = getattr(part, "output_dim", None)
         if dim:
