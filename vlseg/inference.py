@@ -51,7 +51,8 @@ def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch
     out = []
     dev = model.device
     was_training = model.training
-    model.eval()
+    if was_training:  # (toggling walks every submodule: skipped when the model is already in eval mode)
+        model.eval()
     try:
         for start in range(0, len(items), batch_size):
             arrays = [read_image(x)[0] for x in items[start:start + batch_size]]
@@ -68,7 +69,8 @@ def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch
                     out.append((probs.cpu().numpy().astype(np.float32),
                                 None if presence is None else presence.cpu().numpy(), inst))
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return out
 
 

@@ -523,7 +523,8 @@ class Sam3(Family):
             raise ValueError(f"Unknown SAM 3 video setting(s) {sorted(bad)}; valid: {list(VIDEO_SETTINGS)}")
         saved = {k: getattr(video, k) for k in settings}
         was_training = model.training
-        model.eval()
+        if was_training:
+            model.eval()
         try:
             for k, v in settings.items():
                 setattr(video, k, v)
@@ -531,7 +532,8 @@ class Sam3(Family):
         finally:
             for k, v in saved.items():
                 setattr(video, k, v)
-            model.train(was_training)
+            if was_training:
+                model.train()
 
 
 def _video_postprocessor(model: VLSegModel) -> Any:
