@@ -548,11 +548,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, help="torch threads here and in the subprocesses (default: torch's "
+                    "choice); 1 gives steadier ratios on a machine other jobs are loading")
     ap.add_argument("--memory-probe", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
     ap.add_argument("--hf-folder", nargs=3, metavar=("MODEL", "IMAGES", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--prompt", action="append", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the CLI, reference and memory subprocesses
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

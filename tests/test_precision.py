@@ -89,6 +89,10 @@ def test_variant_is_cached_shares_the_decoder_and_copies_the_encoders(tiny):
     assert any("quantized" in type(m).__module__ for m in v.image_encoder.modules())
     assert not any("quantized" in type(m).__module__ for m in tiny.modules())
     assert all(p.dtype == torch.float32 for p in tiny.parameters())
+    # untouched tensors are shared, not duplicated; converted layers own new ones
+    ours = {id(p) for p in tiny.parameters()}
+    assert {id(p) for p in v.image_encoder.backbone.ln_pre.parameters()} <= ours
+    assert not {id(p) for p in P.variant(tiny, "bf16").image_encoder.parameters() if p.dtype == torch.bfloat16} & ours
     # new encoder weights (a training step) make a new snapshot
     with torch.no_grad():
         next(tiny.image_encoder.parameters()).add_(0.0)
@@ -98,6 +102,8 @@ def test_variant_is_cached_shares_the_decoder_and_copies_the_encoders(tiny):
 def test_variants_never_change_the_fp32_model_or_its_checkpoint(tiny, tmp_path):
     from safetensors.torch import load_file
 
+    tiny.unfreeze("image")  # trainable flags must survive building variants too
+    flags = {n: p.requires_grad for n, p in tiny.named_parameters()}
     before_probs = _probs(tiny)
     before_state = {k: v.clone() for k, v in tiny.state_dict().items()}
     tiny.save_pretrained(str(tmp_path / "a"))
@@ -105,6 +111,7 @@ def test_variants_never_change_the_fp32_model_or_its_checkpoint(tiny, tmp_path):
         _probs(P.variant(tiny, mode))
     np.testing.assert_array_equal(_probs(tiny), before_probs)
     after = tiny.state_dict()
+    assert flags == {n: p.requires_grad for n, p in tiny.named_parameters()}
     assert before_state.keys() == after.keys()
     assert all(torch.equal(before_state[k], after[k]) for k in before_state)
     tiny.save_pretrained(str(tmp_path / "b"))

@@ -228,7 +228,9 @@ def _to_bf16(module: nn.Module) -> int:
     n = 0
     for name, child in list(module.named_children()):
         if isinstance(child, (nn.Linear, nn.MultiheadAttention)):
-            setattr(module, name, _Bf16(child.to(torch.bfloat16)))
+            # a copy of the layer: its tensors may be shared with the fp32 model, and .to() converts in place
+            converted = copy.deepcopy(child).to(torch.bfloat16).requires_grad_(False)
+            setattr(module, name, _Bf16(converted))
             n += 1
         else:
             n += _to_bf16(child)
@@ -250,19 +252,25 @@ def _to_int8(module: nn.Module) -> int:
 
 
 def _encoder_copy(encoder: nn.Module, mode: str) -> nn.Module:
-    """A converted deep copy of one encoder (LoRA merged first). The tokenizer is shared, not copied."""
+    """A converted copy of one encoder. The modules are copied; the tensors the mode does not convert (LayerNorm,
+    embeddings, convolutions) are shared with the fp32 model rather than duplicated, and the converted layers get
+    new tensors, so the copy costs only the converted weights and the fp32 model is never written to. With LoRA,
+    everything is copied and the adapters are merged in the copy. The tokenizer is shared."""
     from .lora import has_lora, merge_lora
 
     memo: dict[int, Any] = {}
     tok = getattr(encoder, "tokenizer", None)
     if tok is not None:
         memo[id(tok)] = tok
+    lora = has_lora(getattr(encoder, "backbone", encoder))
+    if not lora:
+        for t in (*encoder.parameters(), *encoder.buffers()):
+            memo[id(t)] = t
     enc = copy.deepcopy(encoder, memo)
-    enc.requires_grad_(False)
     enc.eval()
-    backbone = getattr(enc, "backbone", enc)
-    if has_lora(backbone):
-        merge_lora(backbone)
+    if lora:  # merging writes into the weights: only on a full copy
+        enc.requires_grad_(False)
+        merge_lora(getattr(enc, "backbone", enc))
         _restore_parameters(enc)
     if mode == "bf16":
         _to_bf16(enc)
@@ -306,7 +314,10 @@ def _build_variant(model: VLSegModel, mode: str) -> VLSegModel:
     kwargs = {}
     if "family" in inspect.signature(cls.__init__).parameters:
         kwargs["family"] = model.family
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     v = cls(model.config, image, text, model.decoder, model.processor, **kwargs)
+    for p, flag in flags:  # the constructor's freeze_encoders touched tensors shared with the fp32 model
+        p.requires_grad_(flag)
     v.training = False  # not v.eval(): that would also switch the shared decoder of a model being trained
     v.precision = mode  # type: ignore[assignment]  (read by benchmarks and logs)
     return v
