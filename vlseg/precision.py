@@ -5,7 +5,8 @@ measures them once on this machine and keeps the fastest one whose masks stay fa
     fast = variant(model, resolve(model, "auto"))   # a VLSegModel; use it wherever `model` is used
     masks = vlseg.segment(fast, "scan.png", ["polyp"])
 
-Modes (all convert *copies* of the encoders; the fp32 model, its weights and its checkpoints are never touched):
+Modes (all convert *copies* of the encoders' layers, sharing the tensors they leave alone; the fp32 model, its
+weights and its checkpoints are never touched):
 
 - ``fp32``: the model itself.
 - ``bf16``: every Linear layer of both encoders holds bfloat16 weights and runs in bfloat16; its output returns to
