@@ -25,6 +25,7 @@ from .model import SegOutput, VLSegModel
 from .presets import add_encoder_config, add_model_config, get_model_config, list_encoder_presets, list_models
 from .sources import SourceError
 from .version import __version__
+from .vqa.inference import answer
 from .volumes import VolumeMasks
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "__version__",
     "add_encoder_config",
     "add_model_config",
+    "answer",
     "create_model",
     "data",
     "get_model_config",

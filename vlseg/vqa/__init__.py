@@ -15,7 +15,12 @@ and an unknown-answer policy. Boxes follow one convention (``vlseg.vqa.boxes``: 
     ds = vqa.from_published("EndoVis-18-VQA", "endovis18-vqa", split="val")
     s = ds[0]; s.question, s.answer, s.answer_index, ds.report.summary()
 
-Data only: the model side (``VQAModel``, ``answer``) is added by another module (``vlseg/vqa/model.py``) later.
+The model side: ``VQAModel`` (the ``vqa`` family: ``vlseg.create_model("minilm-scratch-vqa")``), ``answer`` (also
+``vlseg.answer``) and ``evaluate`` (accuracy, macro F1, balanced accuracy per question type beside majority and
+question-blind baselines, grounding Dice / IoU); the ``vqa`` training task is ``vlseg.vqa.task``.
+
+    model = vlseg.create_model("tiny-test-vqa", pretrained=False)
+    r = vlseg.answer(model, "frame.png", "Is there any grasper?")   # {"answer", "score", "top_k", "mask", ...}
 """
 
 from .boxes import box_iou, denormalize_box, mask_to_box, normalize_box
@@ -30,7 +35,10 @@ from .engine import (
     build_scene_graph,
     generate_qa,
 )
+from .evaluation import answer_metrics, balanced_accuracy, evaluate, macro_f1, report_lines
+from .inference import answer
 from .loaders import FORMATS, SPLITS, from_published, from_segmentation
+from .model import VQAModel, VQAOutput
 from .schema import (
     FileVQADataset,
     LoadReport,
@@ -43,13 +51,12 @@ from .schema import (
 )
 from .vocab import AnswerVocab, UnknownAnswerError, list_vocabularies, normalize_answer
 
-# The model part (VQAModel, answer) is added by vlseg/vqa/model.py, owned by another module; import it here then.
-
 __all__ = [
     "FORMATS", "SPLITS", "TEMPLATES", "TYPES",
     "AnswerVocab", "ClassNode", "FileVQADataset", "LoadReport", "QARecord", "Relation", "SceneGraph", "SceneObject",
-    "SegmentationVQADataset", "UnknownAnswerError", "VQADataError", "VQADataWarning", "VQADataset", "VQASample",
-    "VQASubset",
-    "box_iou", "build_scene_graph", "denormalize_box", "from_published", "from_segmentation", "generate_qa",
-    "list_vocabularies", "mask_to_box", "normalize_answer", "normalize_box",
+    "SegmentationVQADataset", "UnknownAnswerError", "VQADataError", "VQADataWarning", "VQADataset", "VQAModel",
+    "VQAOutput", "VQASample", "VQASubset",
+    "answer", "answer_metrics", "balanced_accuracy", "box_iou", "build_scene_graph", "denormalize_box", "evaluate",
+    "from_published", "from_segmentation", "generate_qa", "list_vocabularies", "macro_f1", "mask_to_box",
+    "normalize_answer", "normalize_box", "report_lines",
 ]
