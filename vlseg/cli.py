@@ -1,9 +1,10 @@
-"""The ``vlseg`` command line: ``segment``, ``models``, ``info``, ``evaluate``. Each command parses its arguments,
-calls the public API and writes or prints the result.
+"""The ``vlseg`` command line: ``segment``, ``models``, ``info``, ``evaluate``, ``ask``. Each command parses its
+arguments, calls the public API and writes or prints the result.
 
     vlseg segment scans/ --prompt "polyp" --model runs/x/best --out masks/
     accelerate launch -m vlseg.cli segment scans/ --prompt "polyp" --model runs/x/best --out masks/   # shards inputs
     vlseg evaluate --model runs/x/best --data ../shared/data/manifest_all.jsonl --split val --out runs/x/eval
+    vlseg ask frame.png --question "Is there any grasper?" --model runs/vqa/best --out answers/
 
 Errors are one readable line on stderr and exit code 2.
 """
@@ -183,6 +184,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ask(args: argparse.Namespace) -> int:
+    """Answer questions about one image; print the answers, write each grounding mask (and an overlay) to --out."""
+    import vlseg
+    from vlseg.vqa.inference import answer_masks_overlay
+
+    image, _ = vlseg.read_image(args.image)
+    stem = Path(args.image).name.split(".")[0] or "image"
+    out = Path(args.out) if args.out else None
+    targets = [out / f"{stem}__q{k + 1}.png" for k in range(len(args.question))] if out else []
+    overlay = out / f"{stem}__answers_overlay.png" if out else None
+    clashes = [p for p in targets + ([overlay] if overlay else []) if p.exists()]
+    if clashes and not args.overwrite:  # refuse before any work
+        raise FileExistsError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass --overwrite")
+    model = vlseg.load_or_create(args.model, args.pretrained)
+    if args.device:
+        model.to(args.device)
+    results = vlseg.answer(model, image, list(args.question), top_k=args.top_k, candidates=args.candidate or None,
+                           mode=args.mode, threshold=args.threshold, region_threshold=args.region_threshold)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    for k, r in enumerate(results):
+        written = None
+        if out and r["mask"] is not None:
+            _write_png(targets[k], r["mask"].astype(np.uint8) * 255)
+            written = str(targets[k])
+        if args.json:
+            print(json.dumps({"question": r["question"], "answer": r["answer"], "score": r["score"],
+                              "top_k": r["top_k"], "region_score": r["region_score"], "box": r["box"],
+                              "mask": written}))
+        else:
+            top = ", ".join(f"{a} {p:.2f}" for a, p in r["top_k"])
+            where = "no region" if r["mask"] is None else (f"mask {written}" if written else
+                                                           f"mask of {int(r['mask'].sum())} pixels")
+            print(f"Q: {r['question']}\nA: {r['answer']} ({r['score']:.2f})   top: {top}   "
+                  f"[region {r['region_score']:.2f}: {where}]")
+    if out and any(r["mask"] is not None for r in results):
+        _write_png(overlay, answer_masks_overlay(image, results))
+    return 0
+
+
 def _presence(text: str) -> float | None | str:
     if text in ("model", "none"):
         return None if text == "none" else text
@@ -233,6 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-language-use", action="store_true")
     e.add_argument("--overlays", type=int, default=4, help="worst and best cases saved as PNG")
     e.set_defaults(func=cmd_evaluate)
+    q = sub.add_parser("ask", help="answer questions about an image (a VQA model) and write the answer masks")
+    q.add_argument("image", help="PNG/JPEG/TIFF/DICOM image")
+    q.add_argument("--question", "-q", action="append", required=True, help="repeat for several questions")
+    q.add_argument("--model", "-m", default="biomedclip-vqa", help="VQA preset, checkpoint folder or hf-hub:")
+    q.add_argument("--pretrained", default="true", help="for presets: true, false or an upstream folder")
+    q.add_argument("--out", "-o", default=None, help="folder for the answer masks (PNG) and an overlay")
+    q.add_argument("--candidate", "-c", action="append", default=None,
+                   help="restrict answers to these (repeat; scored by the open-vocabulary head)")
+    q.add_argument("--mode", choices=["auto", "closed", "open"], default="auto", help="answer head")
+    q.add_argument("--top-k", type=int, default=3)
+    q.add_argument("--threshold", type=float, default=0.5, help="mask pixel threshold")
+    q.add_argument("--region-threshold", type=_presence, default="model",
+                   help="'refers to a region' cut-off: 'model', a number, or 'none' (always a mask)")
+    q.add_argument("--device", default=None)
+    q.add_argument("--json", action="store_true", help="print one JSON line per question")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=cmd_ask)
     return ap
 
 
