@@ -2,7 +2,11 @@
 
     python demo/app.py [--model clipseg-rd64-refined | CHECKPOINT_DIR] [--host 127.0.0.1] [--port 7860] [--share]
 
-Tabs: "Segment" now; a surgical VQA tab joins later. The demo holds no model code: it calls vlseg's public API.
+    python demo/app.py --model CHECKPOINT_DIR --vqa-model VQA_CHECKPOINT_DIR
+
+Tabs: "Segment" (masks per prompt, drawn translucent with outlines so overlapping masks stay visible) and "Ask"
+(surgical VQA: the answer with its top-k scores and the mask of what it refers to). The "pretrained" box shows only
+while a preset (not a checkpoint folder) is chosen. The demo holds no model code: it calls vlseg's public API.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ EXAMPLE_PROMPTS = [
     ["the polyp in the upper left"],  # position-based
     ["surgical instrument\ngrasper"],  # several prompts, one per line
 ]
+EXAMPLE_QUESTIONS = [["Is there any grasper in the image?"], ["Where is the hook located in the image?"],
+                     ["How many separate grasper regions can be seen?"],
+                     ["Which is larger, the grasper or the hook?"]]
+MASK_ALPHA = 0.45  # mask layers: translucent inside, opaque outline
 _lock = threading.Lock()
 
 
@@ -38,6 +46,35 @@ def checkpoint_choices(folder: str | None) -> list[str]:
     if folder and os.path.isdir(folder):
         for cfg in sorted(Path(folder).glob("*/config.json")) + sorted(Path(folder).glob("config.json")):
             out.append(str(cfg.parent))
+    return out
+
+
+def is_preset(name: str | None) -> bool:
+    """A preset name or preset JSON (which take ``pretrained``), not a checkpoint folder or ``hf-hub:`` id."""
+    name = (name or "").strip()
+    return name in vlseg.list_models() or (name.endswith(".json") and os.path.isfile(name))
+
+
+def vqa_choices(folder: str | None) -> list[str]:
+    """VQA presets (families whose task is "vqa") plus the checkpoint folders found under ``folder``."""
+    from vlseg.families import get_family
+
+    presets = [n for n in vlseg.list_models()
+               if get_family(vlseg.get_model_config(n).family).capabilities.task == "vqa"]
+    return presets + [c for c in checkpoint_choices(folder) if c not in vlseg.list_models()]
+
+
+def mask_layer(mask: np.ndarray, alpha: float = MASK_ALPHA) -> np.ndarray:
+    """(H, W) bool -> float32 opacity for an AnnotatedImage layer: ``alpha`` inside, 1 on the outline, so several
+    masks over one image stay visible (an opaque layer would hide the ones under it)."""
+    m = np.asarray(mask, bool)
+    inner = m.copy()
+    inner[1:, :] &= m[:-1, :]
+    inner[:-1, :] &= m[1:, :]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
+    out = np.where(m, alpha, 0.0).astype(np.float32)
+    out[m & ~inner] = 1.0
     return out
 
 
@@ -106,20 +143,51 @@ def segment_image(file: str | None, prompts_text: str, threshold: float, model_n
         f'<span style="display:inline-block;margin-right:14px"><span style="display:inline-block;width:14px;'
         f'height:14px;background:rgb{colour(k)};margin-right:4px;vertical-align:middle"></span>{p}</span>'
         for k, p in enumerate(prompts))
-    annotated = (image, [(m.astype(np.float32), p) for p, m in zip(prompts, pred.masks)])
+    annotated = (image, [(mask_layer(m), p) for p, m in zip(prompts, pred.masks)])
     colours = {p: "#%02x%02x%02x" % colour(k) for k, p in enumerate(prompts)}
     return gr.AnnotatedImage(value=annotated, color_map=colours), table, str(out / "overlay.png"), str(out / "masks.zip"), f"<div id='legend'>{legend}</div>"
 
 
-def build_demo(default_model: str, pretrained: str = "true", checkpoints: str | None = None):
+def ask_question(file: str | None, question: str, model_name: str, pretrained: str = "true", top_k: float = 5):
+    """-> (annotated image with the answer's mask, top-k table, answer HTML)."""
+    import html
+
+    import gradio as gr
+
+    question = (question or "").strip()
+    if not question:
+        raise gr.Error("Type a question, e.g. 'Is there any grasper in the image?'")
+    image = read_upload(file)
+    model = load_model_or_explain(model_name, pretrained)
+    if getattr(model.family.capabilities, "task", "") != "vqa":
+        raise gr.Error(f"{model_name!r} is a segmentation model; choose a VQA model (a '*-vqa' preset or a VQA "
+                       "checkpoint) in the Ask tab")
+    with _lock:
+        r = vlseg.answer(model, image, question, top_k=int(top_k))
+    table = [[a, round(float(p), 3)] for a, p in r["top_k"]]
+    region = (f"refers to the region shown (region score {r['region_score']:.2f})" if r["mask"] is not None else
+              f"refers to no region (region score {r['region_score']:.2f})")
+    answer_html = (f"<div id='vqa-answer-text'><b>{html.escape(r['answer'])}</b> "
+                   f"(score {r['score']:.2f}); {region}</div>")
+    layers = [(mask_layer(r["mask"]), r["answer"])] if r["mask"] is not None else []
+    hex_colour = "#{:02x}{:02x}{:02x}".format(*colour(0))
+    annotated = gr.AnnotatedImage(value=(image, layers), color_map={r["answer"]: hex_colour})
+    return annotated, table, answer_html
+
+
+def build_demo(default_model: str, pretrained: str = "true", checkpoints: str | None = None,
+               vqa_model: str | None = None):
     import gradio as gr
 
     with gr.Blocks(title="vlseg") as demo:
-        gr.Markdown("# vlseg: text-prompted medical image segmentation\nUpload an image, type what to segment.")
+        gr.Markdown("# vlseg: text-prompted medical image segmentation\nUpload an image, type what to segment "
+                    "(Segment), or ask a question about it (Ask).")
         with gr.Row():
             model_box = gr.Dropdown(checkpoint_choices(checkpoints) + [default_model], value=default_model,
                                     allow_custom_value=True, label="Model (preset or checkpoint folder)")
-            pre_box = gr.Textbox(value=pretrained, label="pretrained (presets: true / false / local folder)")
+            pre_box = gr.Textbox(value=pretrained, label="pretrained (presets: true / false / local folder)",
+                                 visible=is_preset(default_model), elem_id="pretrained")
+        model_box.change(lambda name: gr.update(visible=is_preset(name)), inputs=[model_box], outputs=[pre_box])
         with gr.Tabs():
             with gr.Tab("Segment", id="segment"):
                 with gr.Row():
@@ -141,6 +209,32 @@ def build_demo(default_model: str, pretrained: str = "true", checkpoints: str | 
                         masks_file = gr.File(label="Masks (ZIP of PNGs)")
                 run.click(segment_image, inputs=[file, prompts, threshold, model_box, pre_box],
                           outputs=[annotated, table, overlay_file, masks_file, legend], api_name="segment")
+            with gr.Tab("Ask (VQA)", id="vqa"):
+                vqa_default = vqa_model or "biomedclip-vqa"
+                with gr.Row():
+                    vqa_box = gr.Dropdown(vqa_choices(checkpoints) + [vqa_default], value=vqa_default,
+                                          allow_custom_value=True, label="VQA model (preset or checkpoint folder)",
+                                          elem_id="vqa-model")
+                    vqa_pre = gr.Textbox(value=pretrained, label="pretrained (presets: true / false / local folder)",
+                                         visible=is_preset(vqa_default), elem_id="vqa-pretrained")
+                vqa_box.change(lambda name: gr.update(visible=is_preset(name)), inputs=[vqa_box], outputs=[vqa_pre])
+                with gr.Row():
+                    with gr.Column():
+                        vqa_file = gr.File(label="Image (PNG, JPEG, TIFF, DICOM)", type="filepath",
+                                           file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"],
+                                           elem_id="vqa-upload")
+                        question = gr.Textbox(label="Question", lines=1, value="Is there any grasper in the image?",
+                                              elem_id="vqa-question")
+                        top_k = gr.Slider(1, 10, value=5, step=1, label="Answers to list")
+                        ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                        gr.Examples(EXAMPLE_QUESTIONS, inputs=[question], label="Question examples")
+                    with gr.Column():
+                        answer_html = gr.HTML(elem_id="vqa-answer")
+                        vqa_annotated = gr.AnnotatedImage(label="What the answer refers to", elem_id="vqa-annotated")
+                        vqa_table = gr.Dataframe(headers=["answer", "score"], label="Top answers", interactive=False,
+                                                 elem_id="vqa-topk")
+                ask.click(ask_question, inputs=[vqa_file, question, vqa_box, vqa_pre, top_k],
+                          outputs=[vqa_annotated, vqa_table, answer_html], api_name="ask")
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
 
@@ -149,12 +243,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=os.environ.get("VLSEG_MODEL", "clipseg-rd64-refined"))
     ap.add_argument("--pretrained", default="true", help="for presets: true, false, or a local upstream folder")
+    ap.add_argument("--vqa-model", default=os.environ.get("VLSEG_VQA_MODEL", "biomedclip-vqa"),
+                    help="VQA preset or checkpoint for the Ask tab")
     ap.add_argument("--checkpoints", default=None, help="folder whose checkpoint subfolders are offered")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=7860)
     ap.add_argument("--share", action="store_true")
     args = ap.parse_args(argv)
-    build_demo(args.model, args.pretrained, args.checkpoints).launch(
+    build_demo(args.model, args.pretrained, args.checkpoints, args.vqa_model).launch(
         server_name=args.host, server_port=args.port, share=args.share, show_error=True)
 
 

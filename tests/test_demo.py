@@ -35,6 +35,11 @@ def demo_server(tmp_path_factory):
     with torch.no_grad():
         m.decoder.presence_head[1].bias.fill_(10.0)  # always "present"
     ck = m.save_pretrained(tmp / "ck")
+    vqa = vlseg.create_model("tiny-test-vqa", pretrained=False)
+    with torch.no_grad():
+        vqa.decoder.presence_head[1].bias.fill_(10.0)  # every answer "refers to a region"
+        vqa.decoder.upsample[-1].bias.fill_(2.0)  # and the grounding mask is not empty
+    vqa_ck = vqa.save_pretrained(tmp / "vqa_ck")
     img = np.zeros((120, 160, 3), np.uint8)
     img[..., 1] = np.linspace(40, 200, 160, dtype=np.uint8)[None]
     img[30:80, 40:100] = (220, 110, 110)
@@ -42,7 +47,8 @@ def demo_server(tmp_path_factory):
     (tmp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--model", ck, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "demo" / "app.py"), "--model", ck, "--vqa-model", vqa_ck,
+                             "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -57,7 +63,7 @@ def demo_server(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("demo did not start within 120 s")
-    yield {"url": url, "ck": ck, "image": tmp / "frame.png", "broken": tmp / "broken.png"}
+    yield {"url": url, "ck": ck, "vqa_ck": vqa_ck, "image": tmp / "frame.png", "broken": tmp / "broken.png"}
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -79,6 +85,33 @@ def test_gradio_client_segments(demo_server):
 
     assert len(zipfile.ZipFile(zipped).namelist()) == 2
     assert "polyp" in legend
+    # masks are translucent with an opaque outline, so a later mask does not hide an earlier one
+    layer = ann["annotations"][0]["image"]
+    alpha = np.asarray(Image.open(layer if isinstance(layer, str) else layer["path"]).convert("RGBA"))[..., 3]
+    inside = set(np.unique(alpha).tolist()) - {0, 255}
+    assert len(inside) == 1 and 60 < inside.pop() < 180 and 0 < (alpha == 255).sum() < (alpha > 0).sum()
+
+
+def test_gradio_client_asks(demo_server):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    c = Client(demo_server["url"], verbose=False)
+    annotated, table, answer_html = c.predict(
+        handle_file(str(demo_server["image"])), "Is there any grasper in the image?", demo_server["vqa_ck"], "true", 3,
+        api_name="/ask")
+    rows = table["data"]
+    assert len(rows) == 3 and rows[0][1] >= rows[1][1] >= rows[2][1]
+    assert f"<b>{rows[0][0]}</b>" in answer_html and "refers to the region shown" in answer_html
+    ann = annotated.get("value", annotated)
+    assert [a["label"] for a in ann["annotations"]] == [rows[0][0]]
+    layer = ann["annotations"][0]["image"]
+    assert Image.open(layer if isinstance(layer, str) else layer["path"]).size == (160, 120)  # mask at image size
+    with pytest.raises(AppError, match="Type a question"):
+        c.predict(handle_file(str(demo_server["image"])), " ", demo_server["vqa_ck"], "true", 3, api_name="/ask")
+    with pytest.raises(AppError, match="segmentation model"):
+        c.predict(handle_file(str(demo_server["image"])), "Is there any grasper?", demo_server["ck"], "true", 3,
+                  api_name="/ask")
 
 
 def test_gradio_client_clear_errors(demo_server):
@@ -120,5 +153,22 @@ def test_browser_upload_prompt_click_overlay(demo_server):
         assert "the grasper" in page.inner_text("#legend")
         page.wait_for_timeout(500)
         page.screenshot(path=str(ARTIFACTS / "demo_segmented.png"), full_page=True)
+        assert not page.locator("#pretrained").is_visible()  # a checkpoint folder is chosen: no pretrained box
+        # the VQA tab: upload, question, answer with top-k scores, the grounding mask overlaid
+        page.get_by_role("tab", name="Ask (VQA)").click()
+        page.wait_for_selector("#vqa-upload input[type=file]", state="attached", timeout=30_000)
+        assert not page.locator("#vqa-pretrained").is_visible()
+        page.set_input_files("#vqa-upload input[type=file]", str(demo_server["image"]))
+        page.wait_for_timeout(1000)
+        page.fill("#vqa-question textarea", "Is there any grasper in the image?")
+        page.click("#ask")
+        page.wait_for_selector("#vqa-answer-text", timeout=60_000)
+        page.wait_for_selector("#vqa-annotated img", timeout=30_000)
+        assert page.locator("#vqa-annotated img").count() >= 2  # the image + the answer's mask layer
+        assert "score" in page.inner_text("#vqa-answer-text")
+        assert page.locator("#vqa-topk").inner_text().count("\n") >= 3  # header + the top answers
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(ARTIFACTS / "demo_vqa.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "demo_segmented.png").stat().st_size > 10_000
+    assert (ARTIFACTS / "demo_vqa.png").stat().st_size > 10_000
