@@ -169,6 +169,9 @@ def test_browser_upload_prompt_click_overlay(demo_server):
         assert page.locator("#vqa-topk").inner_text().count("\n") >= 3  # header + the top answers
         page.wait_for_timeout(500)
         page.screenshot(path=str(ARTIFACTS / "demo_vqa.png"), full_page=True)
+        page.fill("#vqa-model input", "tiny-test-vqa")  # a preset: now the pretrained box is offered
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#vqa-pretrained", state="visible", timeout=30_000)
         browser.close()
     assert (ARTIFACTS / "demo_segmented.png").stat().st_size > 10_000
     assert (ARTIFACTS / "demo_vqa.png").stat().st_size > 10_000
