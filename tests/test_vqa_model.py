@@ -260,7 +260,6 @@ def test_evaluate_reports_baselines_per_type(model, synth_manifest):
 # ----------------------------------------------------------------------------------------------- task data
 def test_task_datasets_split_vocab_and_batches(model, synth_manifest, tmp_path):
     from vlseg.training import get_task, load_config
-    from vlseg.vqa.task import slab_split
 
     cfg = load_config(None, [f"data=[{{manifest: {synth_manifest}, qa: {{infer_absent: true}}}}]", "batch_size=3",
                              "task=vqa", "best_metric=accuracy", "task_options={questions_per_image: 2}",
@@ -286,10 +285,6 @@ def test_task_datasets_split_vocab_and_batches(model, synth_manifest, tmp_path):
     assert torch.isfinite(loss) and {"answer_ce", "open_ce", "dice", "presence"} <= set(parts)
     ev = task.evaluate(model, val, cfg)
     assert 0 <= ev.score <= 1 and "blind_accuracy" in ev.headline
-    from vlseg.data import from_manifest
-
-    _, va = slab_split(from_manifest(synth_manifest), 0.2)
-    assert {r["image"].rsplit("/", 1)[-1] for r in va.records} == {"8.png", "9.png"}  # the last images by name
     with pytest.raises(ValueError, match="unknown vqa task_options"):
         task.datasets(load_config(None, [f"data=[{{manifest: {synth_manifest}}}]", "task_options={k: 1}",
                                          "best_metric=accuracy"]))

@@ -45,9 +45,9 @@ model_overrides:
 task: vqa
 task_options: {{questions_per_image: 4, engine: {{questions_per_image: 8, max_per_type: 2}}}}
 data:
-  - {{name: epfl_em, manifest: {data}/epfl_em_multiclass/manifest.jsonl, weight: 2.0, split_by: slab,
+  - {{name: epfl_em, manifest: {data}/epfl_em_multiclass/manifest.jsonl, weight: 2.0,
      qa: {{infer_absent: true, absent_pool: [polyp]}}}}
-  - {{name: cholec, manifest: {data}/cholec_instance_seg_sample/manifest.jsonl, split_by: slab,
+  - {{name: cholec, manifest: {data}/cholec_instance_seg_sample/manifest.jsonl,
      qa: {{absent_pool: [liver]}}}}
   - {{name: ph2, manifest: {data}/ph2/manifest.jsonl, qa: {{absent_pool: [breast tumor]}}}}
   - {{name: kvasir, manifest: {data}/kvasir_seg_sample/manifest.jsonl, weight: 0.3,

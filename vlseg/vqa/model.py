@@ -16,13 +16,12 @@ the answer: the ground-truth answer in training (teacher forcing), the predicted
 The answer vocabulary is data (``vlseg.vqa.AnswerVocab``); it is stored, answers and all, in the model config
 (``family_options["vocab"]``), so a checkpoint is self-contained. Answers outside it can be scored by the open
 head without retraining (``add_answers`` or ``candidates=``): answer text embeddings come from the model's own
-frozen text encoder, cached by string.
+frozen text encoder (``encode_text``: cached per string while the text tower is frozen, in training too).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -228,8 +227,6 @@ class VQAModel(VLSegModel):
             grounding decoder (any registered FusionDecoder with a presence head).
     """
 
-    token_cache_size = 8192
-
     def __init__(self, config: Any, image_encoder: Any, text_encoder: Any, decoder: Any, processor: Any, *,
                  family: Any):
         super().__init__(config, image_encoder, text_encoder, decoder, processor, family=family)
@@ -252,57 +249,17 @@ class VQAModel(VLSegModel):
         self.patch_back = nn.Linear(d, c)
         nn.init.zeros_(self.patch_back.weight)  # grounding starts from the plain image features
         nn.init.zeros_(self.patch_back.bias)
-        self._tokens: OrderedDict[str, TextFeatures] = OrderedDict()
         self.freeze_encoders()
 
-    # ---------------------------------------------------------------- freezing and caches
+    # ---------------------------------------------------------------- freezing
     def freeze_encoders(self) -> None:
-        """As VLSegModel, and the text tower's own pooled projection is frozen too: VQA reads text token states
-        only (questions and answers get their own projections), so it would receive no gradient."""
+        """As VLSegModel, and the text tower's own trainable head is frozen too: VQA reads text token states only
+        (questions and answers get their own projections), so it would receive no gradient."""
         super().freeze_encoders()
         if self.config.freeze_text:
             for name, p in self.text_encoder.named_parameters():
                 if name.startswith(self.text_encoder.trainable_prefixes):
                     p.requires_grad_(False)
-
-    def _text_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.text_encoder.backbone.parameters())
-
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if "_tokens" in self.__dict__:
-            self._tokens.clear()
-        return super()._apply(fn, *args, **kwargs)
-
-    def clear_cache(self) -> None:
-        super().clear_cache()
-        if "_tokens" in self.__dict__:
-            self._tokens.clear()
-
-    def encode_strings(self, texts: Sequence[str]) -> TextFeatures:
-        """Questions or answers -> text token states (len(texts), L, Dt) + mask. While the text backbone is frozen
-        (no LoRA) they are computed once per string, each string alone (so its features never depend on what else
-        was in the batch, and a resumed run sees exactly the same numbers), and cached, in training too."""
-        unique = list(dict.fromkeys(texts))
-        if not self._text_frozen():
-            feats = self._run_text_encoder(unique)
-        else:
-            missing = [t for t in unique if t not in self._tokens]
-            found = {t: self._tokens[t] for t in unique if t in self._tokens}
-            self.stats["text_cache_hits"] += len(unique) - len(missing)
-            if missing:
-                with torch.no_grad():
-                    new = [self._run_text_encoder([t]).trimmed()[0] for t in missing]
-                found.update(zip(missing, new))
-                if not torch.is_inference_mode_enabled():  # inference tensors cannot enter autograd later
-                    for t in missing:
-                        self._tokens[t] = found[t]
-                    while len(self._tokens) > self.token_cache_size:
-                        self._tokens.popitem(last=False)
-            feats = TextFeatures.cat([found[t] for t in unique])
-        if len(unique) == len(texts):
-            return feats
-        order = {t: i for i, t in enumerate(unique)}
-        return feats.index([order[t] for t in texts])
 
     # ---------------------------------------------------------------- answers
     @property
@@ -359,7 +316,7 @@ class VQAModel(VLSegModel):
     def embed_answers(self, answers: Sequence[str]) -> tuple[Tensor, TextFeatures]:
         """Answers -> (open-vocabulary embeddings (M, e), their text token states). "<unk>" embeds to zeros."""
         texts = [a if a != UNK else "" for a in answers]
-        feats = self.encode_strings(texts)
+        feats = self.encode_text(texts)  # token states, cached per string while the text tower is frozen
         tokens = feats.tokens.to(self.dtype)
         emb = self.answer_proj(masked_mean(tokens, feats.mask))
         unk = torch.tensor([a == UNK for a in answers], device=emb.device)
@@ -404,7 +361,7 @@ class VQAModel(VLSegModel):
         if not cands:
             raise ValueError("candidates is empty: give at least one answer to score")
         image = self.encode_image(pixel_values) if image_features is None else image_features
-        q = self.encode_strings(flat)
+        q = self.encode_text(flat)
         deep = image.layers[self.fusion_layer]  # (B, N, C)
         dtype = self.dtype
         q_vec, q_tok, q_mask, fused = self.fusion(deep.to(dtype), image.grid, q.tokens.to(dtype), q.mask, k)

@@ -3,8 +3,8 @@
 Data (``cfg.data``), one entry per source, split into train / validation reproducibly:
 
 * a segmentation source (``{manifest: ...}``, ``{folder: ..., masks: ...}``, ``{hf: ...}``, as for segmentation),
-  split by group (subject / video / volume, ``vlseg.data.train_val_split``; ``split_by: slab`` holds back the last
-  images of a single-volume or single-video source instead, see ``slab_split``), then turned into engine questions with
+  split by group (subject / video / volume; a source that is one volume or video is split into two contiguous
+  blocks, see ``vlseg.data.train_val_split``), then turned into engine questions with
   ``vlseg.vqa.from_segmentation``; per-source engine options go under ``qa`` (``{manifest: m.jsonl, qa:
   {infer_absent: true, absent_pool: [liver]}}``), defaults for every source under ``task_options.engine``;
 * a published VQA release, ``{vqa: ROOT, format: endovis18-vqa}`` plus ``from_published`` arguments
@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -145,23 +144,6 @@ def _group_split(ds: VQADataset, val_fraction: float, seed: int) -> tuple[list[i
     return train, val
 
 
-def slab_split(ds: Any, val_fraction: float) -> tuple[Any, Any]:
-    """Split a single-volume / single-video source into contiguous slabs: images ordered by file name (numbers
-    compared as numbers), the last ``val_fraction`` of them (at least one) held back. Neighbouring slices or frames
-    then meet only at the one boundary, where a group split would put the whole source on one side."""
-    from ..data.groups import group_by_image
-
-    def natural(key: str) -> list[Any]:  # frame9 before frame10
-        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
-
-    groups = sorted(group_by_image(ds), key=lambda g: natural(g.key))
-    n_val = max(1, round(val_fraction * len(groups))) if len(groups) > 1 else 0
-    cut = len(groups) - n_val
-    train = sorted(i for g in groups[:cut] for i in g.indices)
-    val = sorted(i for g in groups[cut:] for i in g.indices)
-    return ds.subset(train), ds.subset(val)
-
-
 def build_datasets(cfg: Any) -> tuple[VQAPool, VQAPool]:
     """(train, val) VQA pools from ``cfg.data`` (see the module docstring), sharing one answer vocabulary."""
     from ..data import from_spec, train_val_split
@@ -200,14 +182,8 @@ def build_datasets(cfg: Any) -> tuple[VQAPool, VQAPool]:
             published.append((name, tr, va))
         else:
             qa = {**opts["engine"], **(s.pop("qa", None) or {})}
-            split_by = s.pop("split_by", "group")
             _, seg = from_spec(s, _roots())
-            if split_by == "group":
-                tr, va = train_val_split(seg, cfg.val_fraction, seed=cfg.seed)
-            elif split_by == "slab":
-                tr, va = slab_split(seg, cfg.val_fraction)
-            else:
-                raise ValueError(f"data source {spec}: split_by must be 'group' or 'slab', got {split_by!r}")
+            tr, va = train_val_split(seg, cfg.val_fraction, seed=cfg.seed)
             engine_src.append((name, tr, va, qa))
     vocab = _union_vocab(engine_src, published, opts["unknown_policy"])
     train_parts: dict[str, VQADataset] = {}
@@ -452,5 +428,4 @@ class VQATask(Task):
         return {"vqa": s}
 
 
-__all__ = ["METRICS", "TASK_OPTIONS", "VQABatcher", "VQAPool", "VQATask", "build_datasets", "slab_split",
-           "task_options"]
+__all__ = ["METRICS", "TASK_OPTIONS", "VQABatcher", "VQAPool", "VQATask", "build_datasets", "task_options"]
