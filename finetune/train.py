@@ -124,9 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     last_step = cfg.max_steps if cfg.stop_after is None else min(cfg.max_steps, cfg.stop_after)
     bar = tqdm(total=last_step, initial=step, disable=not accelerator.is_local_main_process, desc="train")
     t0 = time.time()
+    workers = cfg.data_workers if cfg.data_workers is not None else int((os.cpu_count() or 1) >= 2)
+    batches = T.prefetch(batcher, step * cfg.grad_accum, last_step * cfg.grad_accum, accelerator.device, workers)
     while step < last_step:
         for micro in range(cfg.grad_accum):
-            batch = batcher(step * cfg.grad_accum + micro, accelerator.device)
+            batch = next(batches)
             with accelerator.accumulate(model), accelerator.autocast():
                 feats = cache.encode(core, batch.pixel_values, batch.keys) if cache is not None else None
                 loss, parts = task.loss(model, batch, feats)

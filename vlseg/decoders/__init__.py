@@ -13,6 +13,6 @@ def list_decoders(pattern: str = "*") -> list[str]:
     return DECODERS.list(pattern)
 
 
-from . import cross_attn, film  # noqa: E402,F401  (register)
+from . import cross_attn, film, query_mask  # noqa: E402,F401  (register)
 
 __all__ = ["DECODERS", "DecoderOutput", "FusionDecoder", "list_decoders"]

@@ -78,7 +78,8 @@ class TrainConfig:
     overwrite: StrictBool = False
     resume: str | None = None
     log_tensorboard: StrictBool = False
-    threads: StrictInt | None = None  # CPU threads per process (default: what the launcher gives, see below)
+    threads: StrictInt | None = None  # CPU threads per process (default: the machine's cores / local processes)
+    data_workers: StrictInt | None = None  # background processes building batches (default: 1 when >= 2 cores)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "prompts_per_image"):

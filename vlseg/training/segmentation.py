@@ -47,6 +47,22 @@ class SegmentationBatcher:
             self.canvases = CompositeSampler(ds, seed=cfg.seed, tiles=tuple(cfg.composite_tiles),  # type: ignore[arg-type]
                                              size=processor.size)
 
+    def _fit(self, image: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Resize an image (bilinear, antialiased) and its masks (nearest) to the processor's square input, as the
+        processor itself would, so the model sees the same pixels and augmentation works on fewer of them."""
+        size = self.proc.size
+        if image.shape[:2] == (size, size):
+            return image, masks
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        from torchvision.transforms.v2 import functional as tvF
+
+        image = tvF.resize(t, [size, size], antialias=True).permute(1, 2, 0).contiguous().numpy()
+        out = {}
+        for c, m in masks.items():
+            mt = torch.from_numpy(np.ascontiguousarray(m, dtype=np.uint8))[None, None].float()
+            out[c] = torch.nn.functional.interpolate(mt, size=(size, size), mode="nearest-exact")[0, 0].numpy() > 0.5
+        return image, out
+
     def _prompts(self, rng: np.random.Generator, masks: dict[str, np.ndarray], negatives: list[str],
                  hard: list[str]) -> tuple[list[str], list[np.ndarray]]:
         """K (prompt, target) pairs for one item."""
@@ -85,13 +101,16 @@ class SegmentationBatcher:
             else:
                 g = self.group_of[int(rng.choice(len(self.ds), p=self.p))]
                 image, masks, _ = load_group(self.ds, g)
+                image, masks = self._fit(image, masks)  # to the model's input size first: augmenting is cheaper
+                present = [c for c, m in masks.items() if m.any()]
+                absent = [c for c, m in masks.items() if not m.any()]
                 flips = (False, False)
                 if cfg.augment:
                     a = {"hflip": 0.0, "vflip": 0.0, "degrees": 0, "translate": 0, "scale": None, "brightness": 0,
                          "contrast": 0, "saturation": 0, **cfg.augment}
-                    image, masks, flips = PairedAugment(**a, seed=int(rng.integers(2**31))).apply(image, masks)
-                present = [c for c, m in masks.items() if m.any()]
-                absent = [c for c, m in masks.items() if not m.any()]
+                    image, shown, flips = PairedAugment(**a, seed=int(rng.integers(2**31))).apply(
+                        image, {c: masks[c] for c in present})  # empty masks stay empty
+                    masks.update(shown)
                 negatives = negative_candidates(self.pool, present, absent, self.context.get(g.dataset, ()))
                 key = f"{g.key}|{flips}"
             hard = hard_subset(negatives, present)

@@ -76,6 +76,37 @@ class Task:
         return {}
 
 
+class _Steps(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    def __init__(self, batcher: Any, start: int, stop: int):
+        self.batcher, self.start, self.stop = batcher, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.batcher(self.start + i, "cpu")
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def prefetch(batcher: Any, start: int, stop: int, device: torch.device | str, workers: int = 1) -> Any:
+    """Yield ``batcher(i)`` for i in [start, stop) on ``device``, built ``workers`` steps ahead in background
+    processes (a DataLoader over step numbers). Batches depend on the step only, so they are the same as built in
+    the loop; building them overlaps with the model's compute. ``workers=0`` builds them inline."""
+    if workers <= 0:
+        for i in range(start, stop):
+            yield batcher(i, device)
+        return
+    loader = torch.utils.data.DataLoader(_Steps(batcher, start, stop), batch_size=None, num_workers=workers,
+                                         prefetch_factor=2, worker_init_fn=_one_thread, persistent_workers=False)
+    for b in loader:
+        b.pixel_values = b.pixel_values.to(device)
+        b.inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.inputs.items()}
+        yield b
+
+
 TASKS: Registry[Task] = Registry("training task")
 
 
@@ -91,4 +122,4 @@ def get_task(name: str) -> Task:
     return TASKS.get(name)
 
 
-__all__ = ["Batch", "Evaluation", "TASKS", "Task", "get_task", "register_task"]
+__all__ = ["Batch", "Evaluation", "TASKS", "Task", "get_task", "prefetch", "register_task"]
