@@ -9,6 +9,7 @@ from vlseg.features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, Tex
 DECODERS = {
     "film": {"layers": [0, 1, 2], "reduce_dim": 16, "heads": 2},
     "cross-attn": {"layers": [0, 1, 2], "dim": 32, "heads": 2},
+    "query-mask": {"layers": [0, 1, 2], "dim": 32, "heads": 2, "embed_dim": 8},
 }
 
 
@@ -95,3 +96,17 @@ def test_model_level_save_load_lora(name, tmp_path):
     with torch.no_grad():
         b = m2(x, ["polyp", "vessel"]).logits
     torch.testing.assert_close(a, b)
+
+
+def test_query_mask_runs_its_pixel_decoder_once_per_image():
+    """query-mask runs its pixel decoder once per image, whatever the number of prompts."""
+    cls = vlseg.decoders.DECODERS.get("query-mask")
+    img = ImageEncoderInfo(width=24, num_layers=3, patch_size=8, image_size=128)
+    dec = cls.from_config(DECODERS["query-mask"], img, TextEncoderInfo(width=20, embed_dim=12), presence=True).eval()
+    f, pv = features(1, (16, 16)), torch.randn(1, 3, 128, 128)
+    calls = []
+    h = dec.up2.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = dec(f, text(8), pv, 8)
+    h.remove()
+    assert out.logits.shape == (8, 128, 128) and len(calls) == 1
