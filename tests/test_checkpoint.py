@@ -144,3 +144,17 @@ def test_push_to_hub_uploads_checkpoint(tiny, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert tiny.push_to_hub("me/tiny") == "https://hub/commit/1"
     assert seen == {"repo": "me/tiny", "files": ["README.md", "config.json", "model.safetensors"]}
+
+
+def test_input_size_other_than_the_trunks_round_trips(tmp_path):
+    """A scratch trunk built for 64 px and trained at 32 px keeps its position grid (interpolated per input size),
+    so its checkpoints load as they were saved (0.1.0 main-job checkpoints are like this)."""
+    enc = {"type": "scratch", "pretrained": False,
+           "options": {"width": 32, "depth": 2, "heads": 2, "patch_size": 16, "image_size": 64}}
+    m = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc, freeze_image=False, image_size=32,
+                           decoder={"name": "film", "options": {"layers": [0, 1], "reduce_dim": 8}})
+    assert m.image_encoder.backbone.pos.shape[-2:] == (4, 4)
+    x = torch.randn(1, 3, 32, 32)
+    m2 = vlseg.load(m.save_pretrained(tmp_path / "ck"))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, ["polyp"]).logits, m2(x, ["polyp"]).logits)

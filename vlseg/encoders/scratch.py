@@ -85,15 +85,6 @@ class ScratchImageEncoder(ImageEncoder):
     def blocks(self) -> Sequence[nn.Module]:
         return self.backbone.blocks
 
-    def set_image_size(self, size: int) -> None:
-        """Resample the learned position grid once for ``size`` (instead of on every forward)."""
-        old = self.info.image_size
-        super().set_image_size(size)
-        if size != old:
-            g = size // self.info.patch_size
-            pos = nn.functional.interpolate(self.backbone.pos.data, size=(g, g), mode="bicubic", align_corners=False)
-            self.backbone.pos = nn.Parameter(pos, requires_grad=self.backbone.pos.requires_grad)
-
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
         """(B, 3, H, W) -> ImageFeatures; see ImageEncoder.forward."""
         b = self.backbone
