@@ -178,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ds = val if args.split == "val" else train
     summary = evaluate(model, ds, args.out, levels=args.levels, max_samples=args.max_samples, seed=args.seed,
                        ablations=not args.no_ablations, language_use=not args.no_language_use,
-                       overlays=args.overlays)
+                       language_use_images=args.language_use_images, overlays=args.overlays)
     print("\n".join(report_lines(summary)))
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
@@ -198,6 +198,11 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if clashes and not args.overwrite:  # refuse before any work
         raise FileExistsError(f"{len(clashes)} output file(s) already exist, e.g. {clashes[0]}; pass --overwrite")
     model = vlseg.load_or_create(args.model, args.pretrained)
+    from vlseg.vqa.model import VQAModel
+
+    if not isinstance(model, VQAModel):
+        raise ValueError(f"{args.model} is a {model.config.family!r} model; vlseg ask needs a VQA model "
+                         "(e.g. minilm-scratch-vqa or a checkpoint trained with task: vqa)")
     if args.device:
         model.to(args.device)
     results = vlseg.answer(model, image, list(args.question), top_k=args.top_k, candidates=args.candidate or None,
@@ -219,7 +224,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                                                            f"mask of {int(r['mask'].sum())} pixels")
             print(f"Q: {r['question']}\nA: {r['answer']} ({r['score']:.2f})   top: {top}   "
                   f"[region {r['region_score']:.2f}: {where}]")
-    if out and any(r["mask"] is not None for r in results):
+    if overlay is not None and any(r["mask"] is not None for r in results):
         _write_png(overlay, answer_masks_overlay(image, results))
     return 0
 
@@ -272,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-samples", type=int, default=None)
     e.add_argument("--no-ablations", action="store_true")
     e.add_argument("--no-language-use", action="store_true")
+    e.add_argument("--language-use-images", type=int, default=200, help="images for the language-use report")
     e.add_argument("--overlays", type=int, default=4, help="worst and best cases saved as PNG")
     e.set_defaults(func=cmd_evaluate)
     q = sub.add_parser("ask", help="answer questions about an image (a VQA model) and write the answer masks")

@@ -119,7 +119,7 @@ def box_prompts(boxes: Sequence[Any], box_labels: Sequence[Any] | None, k: int, 
                     raise ValueError(f"prompt {j}: box {b!r} has no area (needs x1 > x0 and y1 > y0)")
                 lab = 1 if labels is None else int(labels[n])
                 if lab not in (0, 1):
-                    raise ValueError(f"prompt {j}: box labels are 1 (positive) or 0 (negative), got {labels[n]!r}")
+                    raise ValueError(f"prompt {j}: box labels are 1 (positive) or 0 (negative), got {lab!r}")
                 row.append(([x0 / w, y0 / h, x1 / w, y1 / h], lab))
         rows.append(row)
     n = max(1, max(len(r) for r in rows))
@@ -211,7 +211,7 @@ def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     probs, presence, inst = _run_detailed(model, [image], list(prompts), 1, False, boxes=bp, threshold=threshold)[0]
     masks = _gate(probs, presence, threshold, presence_cutoff(model, presence_threshold))
     head = presence is not None
-    score = presence if head else probs.reshape(len(prompts), -1).max(1)
+    score: np.ndarray = presence if presence is not None else probs.reshape(len(prompts), -1).max(1)
     return Prediction(masks=masks, probs=probs, presence=score, has_presence_head=head, instances=inst)
 
 

@@ -123,7 +123,7 @@ def _file_window(ds: Any) -> tuple[float, float] | None:
     return first(c), first(w)
 
 
-def read_dicom_series(folder: str | Path, win: str | tuple[float, float] | None = None, bad_slices: str = "raise",
+def read_dicom_series(folder: str | os.PathLike[str], win: str | tuple[float, float] | None = None, bad_slices: str = "raise",
                       spacing_tolerance: float = 0.01) -> Volume:
     """A folder of single-slice DICOM files (at any depth; hidden files ignored) -> Volume (rows, cols, slices) of
     modality values, sorted along the slice normal, with (row, col, slice) spacing and an affine built from the
@@ -206,12 +206,12 @@ def read_dicom_series(folder: str | Path, win: str | tuple[float, float] | None 
         dz0 = float(getattr(ref, "SpacingBetweenSlices", 0) or getattr(ref, "SliceThickness", 0) or 1.0)
         warnings.warn(f"{root}: no ImagePositionPatient; slices ordered by InstanceNumber, spacing {dz0} mm from "
                       "SpacingBetweenSlices/SliceThickness (gaps cannot be detected)", stacklevel=2)
-        positions = {id(ds): float(n) * dz0 for (_, ds, _), n in zip(good, nums)}
+        positions = {id(ds): float(n) * dz0 for (_, ds, _), n in zip(good, nums)}  # type: ignore[arg-type]
         pos = lambda s: positions[id(s)]  # noqa: E731
     else:
         pos = lambda s: float(np.dot(normal, np.array(getattr(s, "ImagePositionPatient", [0, 0, 0]), float)))  # noqa: E731
     # slices whose pixels are unreadable but whose header gives a position are filled where they belong
-    entries = [(pos(ds), f, ds, raw) for f, ds, raw in good]
+    entries: list[tuple[float, Path, Any, np.ndarray | None]] = [(pos(ds), f, ds, raw) for f, ds, raw in good]
     entries += [(pos(ds), f, ds, None) for f, ds, _ in broken
                 if by_position and ds is not None and hasattr(ds, "ImagePositionPatient")]
     entries.sort(key=lambda e: e[0])

@@ -71,15 +71,15 @@ class Sam3ImageEncoder(ImageEncoder):
     it) runs in the decoder, once per image, so only the ViT tokens need caching. A video-capable model also keeps
     the tracker here (``tracker_model``, ``tracker_neck``): frozen image-side weights, rebuilt from the source."""
 
-    def __init__(self, sam: nn.Module, size: int, mean: Sequence[float], std: Sequence[float],
-                 video: nn.Module | None = None):
+    def __init__(self, sam: Any, size: int, mean: Sequence[float], std: Sequence[float],
+                 video: Any = None):
         super().__init__()
         self.backbone = sam.vision_encoder
         vit = sam.config.vision_config.backbone_config
         patch = vit.patch_size if isinstance(vit.patch_size, int) else vit.patch_size[0]
         self.info = ImageEncoderInfo(
             width=vit.hidden_size, num_layers=vit.num_hidden_layers, patch_size=patch, image_size=size,
-            embed_dim=0, num_prefix_tokens=0, mean=tuple(mean), std=tuple(std), resample=2,
+            embed_dim=0, num_prefix_tokens=0, mean=(mean[0], mean[1], mean[2]), std=(std[0], std[1], std[2]), resample=2,
             lora_targets=VIT_LORA_TARGETS, default_layers=(vit.num_hidden_layers - 1,))
         if video is not None:
             self.tracker_model = video.tracker_model
@@ -109,7 +109,7 @@ class Sam3TextEncoder(TextEncoder):
     ``get_text_features``. Prompts are cut to 32 tokens (with a warning); the pooled embedding is the masked mean of
     the projected tokens."""
 
-    def __init__(self, sam: nn.Module, tokenizer: Any):
+    def __init__(self, sam: Any, tokenizer: Any):
         super().__init__()
         self.backbone = sam.text_encoder
         self._projection = sam.text_projection
@@ -165,7 +165,7 @@ class Sam3Decoder(FusionDecoder):
         train_geometry: whether the geometry encoder is trainable (and saved with trainable-only checkpoints).
     """
 
-    def __init__(self, sam: nn.Module, score_threshold: float = 0.3, train_geometry: bool = False):
+    def __init__(self, sam: Any, score_threshold: float = 0.3, train_geometry: bool = False):
         super().__init__()
         self.__dict__["sam"] = sam
         for name in ("geometry_encoder", "detr_encoder", "detr_decoder", "mask_decoder", "dot_product_scoring"):
@@ -256,7 +256,7 @@ def _sam3_boxes(boxes: Tensor, labels: Tensor, device: torch.device) -> tuple[Te
     return cxcywh.to(device), labels.to(device)
 
 
-def _detect(sam: nn.Module, vis: tuple[list[Tensor], list[Tensor]], text: Any, mask: Tensor, ref: Tensor,
+def _detect(sam: Any, vis: tuple[list[Tensor], list[Tensor]], text: Any, mask: Tensor, ref: Tensor,
             out_cls: Any, boxed: bool, **kw: Any) -> Any:
     fpn, pos = vis
     vision = out_cls(last_hidden_state=None, fpn_hidden_states=tuple(fpn), fpn_position_encoding=tuple(pos))
@@ -353,7 +353,7 @@ def _model_class(model_type: str) -> Any:
     return getattr(transformers, classes[model_type])
 
 
-def load_upstream(config: ModelConfig, load_weights: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_upstream(config: ModelConfig, load_weights: bool = True) -> tuple[Any, Any, dict[str, Any]]:
     """-> (transformers model: Sam3Model / Sam3LiteTextModel / Sam3VideoModel, tokenizer, preprocessing).
 
     Weights come from ``pretrained`` (a folder or hub id) or ``source`` when ``pretrained`` is True; with
@@ -555,7 +555,7 @@ def _video_postprocessor(model: VLSegModel) -> Any:
 
 
 @torch.inference_mode()
-def _track(model: VLSegModel, video: nn.Module, frames: Iterator[np.ndarray], prompts: list[str],
+def _track(model: VLSegModel, video: Any, frames: Iterator[np.ndarray], prompts: list[str],
            threshold: float) -> Iterator[dict[str, Any]]:
     from transformers.modeling_outputs import BaseModelOutputWithPooling
     from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession

@@ -135,7 +135,7 @@ class SegmentationTask(Task):
         roots = [Path.cwd(), Path(__file__).resolve().parents[2]]  # the working directory, then a source checkout
         return split_sources(cfg.data, cfg.val_fraction, cfg.seed, roots=roots)
 
-    def batcher(self, model: Any, train: Any, cfg: TrainConfig, rank: int, world: int) -> SegmentationBatcher:
+    def batcher(self, model: Any, train: Any, cfg: TrainConfig, rank: int, world: int) -> Any:
         self._loss["fn"] = SegmentationLoss(**cfg.loss)
         return SegmentationBatcher(train, cfg, model.processor, rank, world)
 

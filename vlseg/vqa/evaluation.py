@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m vlseg.vqa.evaluation``: score a VQA checkpoint on the validation split of a training config
     (``--config``, the same group split and answers as ``finetune/train.py``), or on engine questions generated
     from a segmentation manifest (``--data``). Writes ``vqa_metrics.json`` and prints the table."""
-    ap = argparse.ArgumentParser(prog="python -m vlseg.vqa.evaluation", description=main.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m vlseg.vqa.evaluation", description=(main.__doc__ or '').splitlines()[0])
     ap.add_argument("--model", required=True, help="VQA checkpoint folder, hf-hub:org/repo, or a vqa preset")
     ap.add_argument("--pretrained", default="true", help="for a preset: true, false or a local folder")
     src = ap.add_mutually_exclusive_group(required=True)
@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             from ..data import from_spec
             from .loaders import from_segmentation
 
-            ds = from_segmentation(from_spec(args.data)[1], seed=args.seed, vocab=model.vocab.with_policy("unknown"))
+            ds = from_segmentation(from_spec(args.data)[1], seed=args.seed,  # type: ignore[assignment]
+                                   vocab=model.vocab.with_policy("unknown"))
         summary = evaluate(model, ds, train_answers=train_answers, max_samples=args.max_samples, seed=args.seed,
                            mode=args.mode, progress=True)
     except (ValueError, KeyError, TypeError, FileNotFoundError, OSError, RuntimeError, ImportError) as e:

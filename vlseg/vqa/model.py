@@ -301,7 +301,7 @@ class VQAModel(VLSegModel):
         self.vocab = vocab
         self.config.family_options["vocab"] = vocab_dict(vocab)
         new = self.closed_labels
-        head = self.answer_head[-1]
+        head: Any = self.answer_head[-1]
         lin = nn.Linear(head.in_features, len(new)).to(device=head.weight.device, dtype=head.weight.dtype)
         with torch.no_grad():
             for i, a in enumerate(new):
@@ -334,9 +334,10 @@ class VQAModel(VLSegModel):
         return "open" if candidates is not None or self.extra_answers else "closed"
 
     # ---------------------------------------------------------------- forward
-    def forward(self, pixel_values: Tensor, prompts: Any, image_features: ImageFeatures | None = None, *,
-                answers: Sequence[str] | None = None, candidates: Sequence[str] | None = None,
-                mode: Mode = "auto", boxes: Any = None) -> VQAOutput:
+    def forward(  # type: ignore[override]  # a VQA model answers: its output adds answer scores to the masks
+            self, pixel_values: Tensor, prompts: Any, image_features: ImageFeatures | None = None, *,
+            answers: Sequence[str] | None = None, candidates: Sequence[str] | None = None,
+            mode: Mode = "auto", boxes: Any = None) -> VQAOutput:
         """Answer K questions about each of B images and ground the answers.
 
         Args:
@@ -356,7 +357,7 @@ class VQAModel(VLSegModel):
             raise ValueError("'vqa' models take no box prompts; ask a question instead")
         b = pixel_values.shape[0]
         flat, k, _ = normalize_prompts(prompts, b, allow_empty=True)
-        mode = self.resolve_mode(mode, candidates)
+        mode = self.resolve_mode(mode, candidates)  # type: ignore[assignment]
         cands = [self.vocab.normalize(c) for c in candidates] if candidates is not None else self.answer_list()
         if not cands:
             raise ValueError("candidates is empty: give at least one answer to score")

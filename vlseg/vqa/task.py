@@ -173,8 +173,8 @@ def build_datasets(cfg: Any) -> tuple[VQAPool, VQAPool]:
                 raise ValueError(f"data source {spec}: unknown key(s) {bad}; a 'vqa' source takes vqa, format, "
                                  f"weight, name and {sorted(_PUBLISHED_KEYS)}")
             if fmt in SPLITS:
-                tr = from_published(root, fmt, split="train", **s)
-                va = from_published(root, fmt, split="val", **s)
+                tr: Any = from_published(root, fmt, split="train", **s)
+                va: Any = from_published(root, fmt, split="val", **s)
             else:
                 full = from_published(root, fmt, **s)
                 ti, vi = _group_split(full, cfg.val_fraction, cfg.seed)
@@ -186,8 +186,8 @@ def build_datasets(cfg: Any) -> tuple[VQAPool, VQAPool]:
             tr, va = train_val_split(seg, cfg.val_fraction, seed=cfg.seed)
             engine_src.append((name, tr, va, qa))
     vocab = _union_vocab(engine_src, published, opts["unknown_policy"])
-    train_parts: dict[str, VQADataset] = {}
-    val_parts: dict[str, VQADataset] = {}
+    train_parts: dict[str, Any] = {}
+    val_parts: dict[str, Any] = {}
     for name, tr, va, qa in engine_src:
         qa = dict(qa)
         seed = int(qa.pop("seed", cfg.seed))
@@ -241,7 +241,8 @@ def _union_vocab(engine_src: list[Any], published: list[Any], policy: str | None
         policy = "unknown" if "unknown" in policies else "error"
     aliases = {k: v for k, v in aliases.items() if v in seen and k not in seen}
     return AnswerVocab(name="+".join(names) or "vqa", answers=tuple(final), aliases=aliases,
-                       unknown_policy=policy, source="vlseg.vqa.task: union of the training sources' answers")
+                       unknown_policy=policy,  # type: ignore[arg-type]
+                       source="vlseg.vqa.task: union of the training sources' answers")
 
 
 # ------------------------------------------------------------------------------------------------ batches
@@ -356,6 +357,7 @@ class VQATask(Task):
             warnings.warn("the vqa task does not augment images (a flip would make 'left of' answers false); "
                           "`augment` is ignored", stacklevel=2)
         vocab = train.vocab
+        assert vocab is not None  # datasets() always builds one
         model.set_vocab(vocab)  # before the optimizer is built: the closed head fits the training answers
         self._state.update(vocab=vocab, loss=SegmentationLoss(**cfg.loss), opts=opts)
         return VQABatcher(train, cfg, model.processor, vocab, opts["questions_per_image"], rank, world,
