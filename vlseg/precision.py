@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -123,7 +123,8 @@ class MachineInfo:
 def _cpu_model_and_flags() -> tuple[str, frozenset[str]]:
     import platform
 
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    model = platform.processor() or platform.machine()
+    flags: frozenset[str] = frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -252,7 +253,10 @@ def _to_int8(module: nn.Module) -> int:
     return sum("quantized" in type(m).__module__ and type(m).__name__ == "Linear" for m in module.modules())
 
 
-def _encoder_copy(encoder: nn.Module, mode: str) -> nn.Module:
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def _encoder_copy(encoder: _M, mode: str) -> _M:
     """A converted copy of one encoder. The modules are copied; the tensors the mode does not convert (LayerNorm,
     embeddings, convolutions) are shared with the fp32 model rather than duplicated, and the converted layers get
     new tensors, so the copy costs only the converted weights and the fp32 model is never written to. With LoRA,
@@ -298,8 +302,8 @@ def _weights_signature(model: VLSegModel) -> tuple:
     for enc in (model.image_encoder, model.text_encoder):
         for t in enc.parameters():
             sig.append((t.data_ptr(), t._version))
-        for t in enc.buffers():
-            sig.append((t.data_ptr(), t._version))
+        for b in enc.buffers():
+            sig.append((b.data_ptr(), b._version))
     return tuple(sig)
 
 
@@ -320,7 +324,7 @@ def _build_variant(model: VLSegModel, mode: str) -> VLSegModel:
     for p, flag in flags:  # the constructor's freeze_encoders touched tensors shared with the fp32 model
         p.requires_grad_(flag)
     v.training = False  # not v.eval(): that would also switch the shared decoder of a model being trained
-    v.precision = mode  # type: ignore[assignment]  (read by benchmarks and logs)
+    setattr(v, "precision", mode)  # noqa: B010  (read by benchmarks and logs; not a Module attribute mypy knows)
     return v
 
 
