@@ -128,7 +128,7 @@ def segment_image(file: str | None, prompts_text: str, threshold: float, model_n
     image = read_upload(file)
     model = load_model_or_explain(model_name, pretrained)
     with _lock:  # one inference at a time per process; the queue orders users
-        pred = vlseg.predict(model, image, prompts, threshold=float(threshold))
+        pred = vlseg.predict(model, image, prompts, threshold=float(threshold), precision="auto")
     out = Path(tempfile.mkdtemp(prefix="vlseg-demo-"))
     overlay = overlay_masks(image, pred.masks)
     Image.fromarray(overlay).save(out / "overlay.png")

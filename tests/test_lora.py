@@ -84,3 +84,23 @@ def test_lora_active_at_inference(tiny, which):
                 p.normal_(0, 0.5)
     with torch.inference_mode():
         assert not torch.allclose(tiny(x, ["polyp"]).logits, base)
+
+
+def test_merged_attention_lora_keeps_every_tensor_and_round_trips(tmp_path):
+    """Merging LoRA on open_clip's nn.MultiheadAttention keeps in_proj_weight / out_proj.weight as parameters, so a
+    merged model (saved with its encoders) loads back with the same output."""
+    m = vlseg.create_model("tiny-test", pretrained=False)
+    keys = set(m.state_dict())
+    m.apply_lora({"r": 2, "image": True, "text": True})
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = m(x, ["polyp"]).logits
+    assert m.merge_lora() > 0
+    assert set(m.state_dict()) == keys
+    m2 = vlseg.load(m.save_pretrained(tmp_path / "merged"))
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x, ["polyp"]).logits, before, atol=1e-5, rtol=1e-4)

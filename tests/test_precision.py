@@ -214,3 +214,38 @@ def test_explicit_modes_resolve_to_themselves(tiny, monkeypatch):
     monkeypatch.setattr(P, "available_modes", lambda device="cpu", info=None: ["fp32"])
     with pytest.warns(UserWarning, match="emulated"):
         assert P.resolve(tiny, "bf16") == "bf16"
+
+
+def test_segment_and_predict_take_a_precision():
+    """segment/predict(precision=...) run the converted copy; masks stay close to fp32; families that declare only
+    fp32 refuse other modes (and auto falls back to fp32 for them)."""
+    import numpy as np
+
+    import vlseg
+
+    m = vlseg.create_model("tiny-test", pretrained=False)
+    img = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype("uint8")
+    ref = vlseg.segment(m, img, ["polyp", "vessel"], return_probs=True)
+    for mode in [p for p in ("int8", "bf16") if p in P.available_modes("cpu")]:
+        out = vlseg.segment(m, img, ["polyp", "vessel"], return_probs=True, precision=mode)
+        assert out.shape == ref.shape and np.abs(out - ref).max() < 0.05
+        pred = vlseg.predict(m, img, ["polyp"], precision=mode)
+        assert pred.probs.shape == (1, 40, 56)
+    auto = vlseg.segment(m, img, ["polyp"], precision="auto", return_probs=True)
+    assert auto.shape == (1, 40, 56)
+    with pytest.raises(ValueError, match="Unknown precision"):
+        vlseg.segment(m, img, ["polyp"], precision="fp8")
+    vqa = vlseg.create_model("tiny-test-vqa", pretrained=False)
+    with pytest.raises(ValueError, match="run in"):
+        vlseg.segment(vqa, img, ["is there a polyp?"], precision="int8")
+    assert vlseg.segment(vqa, img, ["is there a polyp?"], precision="auto").shape == (1, 40, 56)
+
+
+def test_autocast_is_deprecated():
+    import numpy as np
+
+    import vlseg
+
+    m = vlseg.create_model("tiny-test", pretrained=False)
+    with pytest.warns(DeprecationWarning, match="precision='bf16'"):
+        vlseg.segment(m, np.zeros((16, 16, 3), np.uint8), "polyp", autocast=True)

@@ -71,7 +71,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         with state.split_between_processes(inputs) as part:
             mine = list(part)
     out.mkdir(parents=True, exist_ok=True)
-    kw = dict(threshold=args.threshold, presence_threshold=args.presence_threshold, batch_size=args.batch_size)
+    kw = dict(threshold=args.threshold, presence_threshold=args.presence_threshold, batch_size=args.batch_size,
+              precision=args.precision)
     # Outputs are written to a hidden staging folder inside `out` and moved into `out` only when every input of this
     # process is done: a run that fails (a corrupt input, a full disk, Ctrl-C) leaves no partial or half-written files.
     stage = Path(tempfile.mkdtemp(prefix=".vlseg-partial-", dir=out))
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--presence-threshold", type=_presence, default="model",
                    help="'model' (the checkpoint's calibrated threshold), a number, or 'none'")
     s.add_argument("--device", default=None)
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+                   help="auto: the fastest mode whose masks pass the fidelity bar on this machine (vlseg.precision)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: cores - 1)")
     s.add_argument("--axis", type=int, default=2, help="slicing axis for volumes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -196,9 +197,9 @@ def _prompt_list(prompts: Any) -> list[str]:
 
 def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
             presence_threshold: PresenceThreshold = "model", boxes: Sequence[Any] | None = None,
-            box_labels: Sequence[Any] | None = None) -> Prediction:
+            box_labels: Sequence[Any] | None = None, precision: str = "fp32") -> Prediction:
     """Masks, probabilities, presence scores (and instances, for families that detect them) for one 2D image
-    (path, PIL or array) and K prompts; ``boxes``/``box_labels`` as in ``segment``."""
+    (path, PIL or array) and K prompts; ``boxes``/``box_labels`` and ``precision`` as in ``segment``."""
     prompts = _prompt_list(prompts)
     normalize_prompts(prompts, 1)
     if not isinstance(model, VLSegModel):
@@ -208,17 +209,34 @@ def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if boxes is not None:
         arr = read_image(image)[0]
         image, bp = arr, box_prompts(boxes, box_labels, len(prompts), arr.shape[:2])
-    probs, presence, inst = _run_detailed(model, [image], list(prompts), 1, False, boxes=bp, threshold=threshold)[0]
+    run = with_precision(model, precision)
+    probs, presence, inst = _run_detailed(run, [image], list(prompts), 1, False, boxes=bp, threshold=threshold)[0]
     masks = _gate(probs, presence, threshold, presence_cutoff(model, presence_threshold))
     head = presence is not None
     score: np.ndarray = presence if presence is not None else probs.reshape(len(prompts), -1).max(1)
     return Prediction(masks=masks, probs=probs, presence=score, has_presence_head=head, instances=inst)
 
 
+def with_precision(model: VLSegModel, precision: str) -> VLSegModel:
+    """The model to run for ``precision`` (``fp32``: the model itself; ``bf16``/``int8``: converted copies of its
+    encoders, built once; ``auto``: the fastest mode that passes the fidelity bar on this machine, see
+    ``vlseg.precision``)."""
+    if precision == "fp32":
+        return model
+    from .precision import resolve, variant
+
+    allowed = model.family.precision_modes
+    if allowed is not None and precision not in ("auto", *allowed):
+        raise ValueError(f"{model.config.family!r} models run in {list(allowed)}, not {precision!r}")
+    mode = resolve(model, precision)
+    return model if mode == "fp32" or (allowed is not None and mode not in allowed) else variant(model, mode)
+
+
 def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
             return_probs: bool = False, batch_size: int = 8, presence_threshold: PresenceThreshold = "model",
             autocast: bool = False, volume_axis: int = 2, window: Any = None, allow_empty_prompts: bool = False,
-            boxes: Sequence[Any] | None = None, box_labels: Sequence[Any] | None = None) -> Any:
+            boxes: Sequence[Any] | None = None, box_labels: Sequence[Any] | None = None,
+            precision: str = "fp32") -> Any:
     """Segment what the prompts describe.
 
     Args:
@@ -232,7 +250,12 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         presence_threshold: for models with a presence head, masks whose presence probability is below this are
             emptied ("target absent"); ``"model"`` uses the threshold calibrated into the checkpoint (0.5 when it
             has none); ``None`` disables the gate. Probabilities are never gated.
-        autocast: run under bfloat16 autocast (faster on CPUs with bf16 and on GPUs; tiny numeric differences).
+        precision: ``fp32`` (exact), ``bf16`` or ``int8`` (converted copies of the encoders), or ``auto``: the
+            fastest mode whose masks pass the fidelity bar on this machine (measured once, cached; fp32 when none
+            does). See ``vlseg.precision`` and the benchmark for the measured speed and fidelity per CPU.
+        autocast: deprecated, use ``precision="bf16"``: bf16 autocast re-casts weights every call and changed
+            probabilities by up to 0.9 on random CLIPSeg weights in the benchmark; it is also slower than fp32 on
+            CPUs without native bf16.
         volume_axis, window: for volumes, the slicing axis and the intensity window (a preset such as
             "abdomen", a (center, width) pair, or None for min-max over the volume).
         boxes: box prompts for one 2D image, for families whose ``capabilities.boxes`` is True (SAM 3): one entry
@@ -254,12 +277,16 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     _check_boxes(model, boxes)
+    if autocast:
+        warnings.warn("segment(autocast=True) is deprecated: use precision='bf16' (converted weights, checked "
+                      "against fp32) or precision='auto'", DeprecationWarning, stacklevel=2)
+    run = with_precision(model, precision)
     if boxes is not None:
         if _is_batch(image) or is_volume_source(image):
             raise ValueError("box prompts are in one image's pixels: pass a single 2D image with boxes=")
         arr = read_image(image)[0]
         bp = box_prompts(boxes, box_labels, len(prompts), arr.shape[:2])
-        probs, presence, _ = _run_detailed(model, [arr], list(prompts), 1, autocast, boxes=bp)[0]
+        probs, presence, _ = _run_detailed(run, [arr], list(prompts), 1, autocast, boxes=bp)[0]
         return probs if return_probs else _gate(probs, presence, threshold, presence_cutoff(model,
                                                                                             presence_threshold))
     items = list(image) if _is_batch(image) else [image]
@@ -268,7 +295,7 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if any(is_volume_source(x) for x in items):
         kw: dict[str, Any] = dict(threshold=threshold, return_probs=return_probs, batch_size=batch_size,
                                   presence_threshold=presence_threshold, autocast=autocast,
-                                  allow_empty_prompts=allow_empty_prompts)
+                                  allow_empty_prompts=allow_empty_prompts, precision=precision)
         out = [segment_volume(model, x, list(prompts), axis=volume_axis, window=window, **kw).masks
                if is_volume_source(x) else segment(model, x, prompts, **kw) for x in items]
         return out if _is_batch(image) else out[0]
@@ -276,7 +303,7 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cutoff = presence_cutoff(model, presence_threshold)
     results = [probs if return_probs else _gate(probs, presence, threshold, cutoff)
-               for probs, presence in _run(model, items, list(prompts), batch_size, autocast)]
+               for probs, presence in _run(run, items, list(prompts), batch_size, autocast)]
     return results if _is_batch(image) else results[0]
 
 

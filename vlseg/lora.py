@@ -61,10 +61,25 @@ def merge_lora(module: nn.Module) -> int:
         inner = getattr(base, "out_proj", None)
         if isinstance(inner, BaseTunerLayer):
             base.out_proj = inner.get_base_layer()
+        _restore_parameters(base)
         parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
         setattr(parent, name.rsplit(".", 1)[-1], base)
         merged += 1
     return merged
+
+
+def _restore_parameters(module: nn.Module) -> None:
+    """peft merges LoRA on nn.MultiheadAttention by replacing ``in_proj_weight`` / ``out_proj.weight`` with plain
+    tensors, which then drop out of ``state_dict()`` (a merged model saved with its encoders would lose them): make
+    them frozen parameters again."""
+    import torch
+
+    for m in module.modules():
+        for attr, value in list(vars(m).items()):
+            if (isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter)
+                    and attr.endswith(("weight", "bias")) and attr not in m._buffers):
+                delattr(m, attr)
+                setattr(m, attr, nn.Parameter(value.detach(), requires_grad=False))
 
 
 def has_lora(module: nn.Module) -> bool:

@@ -93,11 +93,12 @@ def hf_tokenizer(cfg: EncoderConfig, folder: Path | None) -> Any:
 class PositionCache:
     """Embeds pixels for a CLIP-style ViT, reusing the interpolated position embedding for a given input size at
     inference (transformers re-interpolates it bicubically on every call when the size differs from training).
-    Gives the same result as ``embeddings(pixel_values, interpolate_pos_encoding=True)``."""
+    Gives the same result as ``embeddings(pixel_values, interpolate_pos_encoding=True)``. Safe to share between
+    threads: entries are keyed by input size and weight version, and a lookup never sees another size's entry."""
 
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: Tensor | None = None
+    def __init__(self, max_entries: int = 8) -> None:
+        self.entries: dict[tuple[Any, ...], Tensor] = {}
+        self.max_entries = max_entries
 
     def __call__(self, emb: Any, pixel_values: Tensor) -> Tensor:
         if not hasattr(emb, "class_embedding") or torch.is_grad_enabled():
@@ -105,14 +106,17 @@ class PositionCache:
         h, w = pixel_values.shape[-2:]
         weight = emb.position_embedding.weight
         key = (h, w, weight.data_ptr(), weight._version, weight.device, weight.dtype)
-        if key != self.key:
+        value = self.entries.get(key)
+        if value is None:
             n = (h // emb.patch_size) * (w // emb.patch_size)
             probe = weight.new_empty(1, n + 1, weight.shape[-1])
-            self.value, self.key = emb.interpolate_pos_encoding(probe, h, w), key
+            value = emb.interpolate_pos_encoding(probe, h, w)
+            if len(self.entries) >= self.max_entries:
+                self.entries.pop(next(iter(self.entries)), None)
+            self.entries[key] = value
         patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
         cls = emb.class_embedding.expand(pixel_values.shape[0], 1, -1)
-        assert self.value is not None
-        return torch.cat([cls, patches], dim=1) + self.value
+        return torch.cat([cls, patches], dim=1) + value
 
 
 class HFVisionEncoder(ImageEncoder):

@@ -44,6 +44,8 @@ class Family:
     capabilities: Capabilities = Capabilities()
     #: a one-line description for ``vlseg models``
     summary: str = ""
+    #: inference precisions its models support (``vlseg.precision``); None: every mode the machine offers
+    precision_modes: tuple[str, ...] | None = None
 
     def validate(self, config: ModelConfig) -> None:
         """Raise ValueError when ``config`` lacks what this family needs."""

@@ -456,6 +456,7 @@ def write_upstream_folder(out: str | os.PathLike[str], preset: str = "tiny-test-
 @register_family
 class Sam3(Family):
     name = "sam3"
+    precision_modes = ("fp32",)  # lower-precision copies of its towers are not validated yet
     capabilities = Capabilities(task="sam3-segmentation", boxes=True, video_tracking=True, instances=True)
     summary = "SAM 3 (transformers): its own detector; instances, presence, box prompts, video tracking"
 

@@ -13,6 +13,7 @@ from .composed import Composed
 @register_family
 class VQAFamily(Composed):
     name = "vqa"
+    precision_modes = ("fp32",)  # lower-precision copies of its towers are not validated yet
     capabilities = Capabilities(task="vqa")
     summary = "question-patch fusion, closed + open-vocabulary answer heads, answers grounded as masks"
 
