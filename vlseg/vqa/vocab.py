@@ -247,7 +247,7 @@ class AnswerVocab:
             close = difflib.get_close_matches(name, available, n=3)
             raise KeyError(f"Unknown answer vocabulary {name!r}. Available: {available}"
                            + (f". Did you mean {close}?" if close else ""))
-        text = resources.files(__package__).joinpath("vocabularies", f"{name}.json").read_text(encoding="utf-8")
+        text = resources.files(__package__).joinpath("vocabularies").joinpath(f"{name}.json").read_text(encoding="utf-8")
         return cls.from_json(text)
 
 
