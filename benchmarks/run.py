@@ -75,10 +75,7 @@ def row(name: str, vlseg_s: float, reference: str, reference_s: float, **extra: 
 
 # ----------------------------------------------------------------------------- fixtures
 def write_tokenizer(folder: Path) -> None:
-    write = getattr(vlseg, "write_clip_tokenizer", None)
-    if write is None:  # vlseg <= 0.1 kept it private
-        from vlseg.encoders.tokenizers import write_clip_tokenizer as write
-    write(folder)
+    vlseg.write_clip_tokenizer(folder)
 
 
 def upstream_clipseg(folder: Path) -> str:
@@ -302,8 +299,7 @@ def case_presets(image: Any, presets: list[str], chosen_by: dict[str, str], ks: 
 
 def case_training(n_images: int, batch: int, reps: int, device: str) -> list[dict]:
     """Images/s of training steps: decoder-only, LoRA, and decoder-only with the frozen-feature cache."""
-    from vlseg.cache import FeatureCache
-    from vlseg.losses import SegmentationLoss
+    from vlseg.training import FeatureCache, SegmentationLoss
 
     rng = np.random.default_rng(0)
     images = [(rng.random((256, 256, 3)) * 255).astype(np.uint8) for _ in range(n_images)]
@@ -548,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--trained", help="a trained vlseg checkpoint: fidelity bar (a) on real images (e.g. the main "
+                                      "job's runs/offline-shared/best)")
+    ap.add_argument("--trained-data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                                  "manifest_all.jsonl"),
+                    help="manifest whose validation split gives the real images for --trained")
     ap.add_argument("--threads", type=int, help="torch threads here and in the subprocesses (default: torch's "
                     "choice); 1 gives steadier ratios on a machine other jobs are loading")
     ap.add_argument("--memory-probe", nargs=2, metavar=("KIND", "FOLDER"), help=argparse.SUPPRESS)
@@ -609,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
                                                  device)),
             ("folder via CLI", lambda: case_folder(folder, 2 if quick else 100, PROMPTS[:2], device, tmp)),
         ]
+        if args.trained:
+            steps.append(("trained checkpoint", lambda: case_trained(args.trained, args.trained_data,
+                                                                     8 if quick else 24, device, reps)))
         for label, fn in steps:
             t = time.perf_counter()
             result["cases"] += fn()
@@ -628,6 +632,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def case_trained(checkpoint: str, manifest: str, n_images: int, device: str, reps: int) -> list[dict]:
+    """Fidelity bar (a): a trained checkpoint on real images (the validation split of ``manifest`` as
+    finetune/train.py splits it; each image prompted with its own classes), every non-fp32 mode against fp32 (mask
+    IoU per (image, prompt): mean >= 0.98 and every pair >= 0.95), its one-prompt speed against fp32, and the mode
+    ``auto`` chooses for this model from these images."""
+    from vlseg.data import from_manifest, group_by_image, load_group, train_val_split
+
+    model = vlseg.load(checkpoint).to(device).eval()
+    _, val = train_val_split(from_manifest(manifest), 0.2, seed=0)
+    groups = group_by_image(val)
+    pick = np.random.default_rng(0).permutation(len(groups))[:n_images]
+    images, prompts = [], []
+    for i in pick:
+        img, masks, _ = load_group(val, groups[int(i)])
+        images.append(img)
+        prompts += [c for c, m in masks.items() if m.any()]
+    prompts = sorted(set(prompts))[:6] or [PROMPTS[0]]
+    runners = {m: P.variant(model, m) for m in P.available_modes(device)}
+    t = interleaved({m: (lambda r=r: vlseg.segment(r, images[0], prompts[:1])) for m, r in runners.items()}, reps,
+                    1, device)
+    ref = vlseg.segment(model, images, prompts, return_probs=True)
+    cal = P.calibrate(model, images[:4], prompts[:2], cache=False, repeats=3)
+    out = []
+    for m, r in runners.items():
+        if m == "fp32":
+            continue
+        f = P.fidelity(model, m, images, prompts, reference=ref)
+        out.append(row(f"trained_{m}", t[m], "the same trained model in fp32", t["fp32"], mode=m,
+                       mean_iou=f.mean_iou, min_iou=f.min_iou, mean_prob_diff=f.mean_prob_diff,
+                       max_prob_diff=f.max_prob_diff, passes_bar=f.passes(), pairs=f.pairs,
+                       auto_chooses=cal.chosen, checkpoint=checkpoint,
+                       note=f"{len(images)} real validation images x {len(prompts)} class prompts"))
+    return out
 
 
 def _floor(result: dict[str, Any], model: Any, runners: dict[str, Any], folder: str, image: Any, device: str,
