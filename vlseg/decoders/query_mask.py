@@ -33,12 +33,15 @@ class QueryMaskDecoder(FusionDecoder):
         layers: encoder blocks read, shallow to deep.  dim: decoder width d.  heads: attention heads.
         fusion_layers: text <-> patch cross-attention layers.  embed_dim: E, the per-pixel embedding width.
         high_res_channels: channels of the raw-image branch at 1/2 and 1/4.  presence: add a presence head.
+        gate: the coarse prompt map gates the fine term (``coarse + sigmoid(coarse) * fine``), so fine detail only
+            shows where the prompt points (no fine activations on the wrong tile or instance).
     """
 
     def __init__(self, *, vision_width: int, text_width: int, text_dim: int, patch_size: int,
                  layers: tuple[int, ...], dim: int = 96, heads: int = 4, fusion_layers: int = 2, embed_dim: int = 32,
-                 high_res_channels: tuple[int, int] = (16, 32), presence: bool = True):
+                 high_res_channels: tuple[int, int] = (16, 32), presence: bool = True, gate: bool = False):
         super().__init__()
+        self.gate = gate
         self.layers = tuple(layers)
         self.patch_size = patch_size
         self.vis_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(vision_width), nn.Linear(vision_width, dim))
@@ -59,7 +62,8 @@ class QueryMaskDecoder(FusionDecoder):
     @classmethod
     def from_config(cls, options: dict[str, Any], image_info: ImageEncoderInfo, text_info: TextEncoderInfo,
                     presence: bool) -> QueryMaskDecoder:
-        check_options(cls, options, {"layers", "dim", "heads", "fusion_layers", "embed_dim", "high_res_channels"})
+        check_options(cls, options, {"layers", "dim", "heads", "fusion_layers", "embed_dim", "high_res_channels",
+                                     "gate"})
         opts = dict(options)
         layers = image_info.resolve_layers(opts.pop("layers", None))
         if "high_res_channels" in opts:
@@ -88,7 +92,8 @@ class QueryMaskDecoder(FusionDecoder):
         coarse = torch.einsum("bnc,bc->bn", self.coarse(pix), query) / math.sqrt(query.shape[-1])
         coarse = coarse.reshape(b * k, 1, *image.grid)
         fine = torch.einsum("bchw,bkc->bkhw", embed, self.fine(query).reshape(b, k, -1)).reshape(b * k, 1, *embed.shape[-2:])
-        logits = resize_to(coarse, (fine.shape[-2], fine.shape[-1])) + fine + self.bias
+        coarse = resize_to(coarse, (fine.shape[-2], fine.shape[-1]))
+        logits = coarse + (torch.sigmoid(coarse) * fine if self.gate else fine) + self.bias
         logits = resize_to(logits, (h, w))[:, 0]
         presence = None
         if self.presence_head is not None:
