@@ -52,3 +52,16 @@ def check_options(cls: type, options: dict[str, Any], allowed: set[str]) -> None
     unknown = set(options) - allowed
     if unknown:
         raise ValueError(f"Unknown option(s) {sorted(unknown)} for decoder {cls.__name__}; valid: {sorted(allowed)}")
+
+
+def token_decoder_from_config(cls: Any, options: dict[str, Any], allowed: set[str], image_info: ImageEncoderInfo,
+                              text_info: TextEncoderInfo, presence: bool) -> Any:
+    """``from_config`` of decoders that read image tokens and text token states (cross-attn, query-mask): options
+    checked against ``allowed``, layers resolved, widths taken from the encoder infos."""
+    check_options(cls, options, allowed)
+    opts = dict(options)
+    layers = image_info.resolve_layers(opts.pop("layers", None))
+    if "high_res_channels" in opts:
+        opts["high_res_channels"] = tuple(opts["high_res_channels"])
+    return cls(vision_width=image_info.width, text_width=text_info.width, text_dim=text_info.embed_dim,
+               patch_size=image_info.patch_size, layers=layers, presence=presence, **opts)

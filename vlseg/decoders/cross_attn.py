@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
 from . import DECODERS
-from .base import DecoderOutput, FusionDecoder, check_options
+from .base import DecoderOutput, FusionDecoder, token_decoder_from_config
 from .blocks import ConvNormAct, FiLM, masked_mean, repeat_k, resize_to, tokens_to_map
 
 
@@ -88,13 +88,8 @@ class CrossAttnDecoder(FusionDecoder):
     @classmethod
     def from_config(cls, options: dict[str, Any], image_info: ImageEncoderInfo, text_info: TextEncoderInfo,
                     presence: bool) -> CrossAttnDecoder:
-        check_options(cls, options, {"layers", "dim", "heads", "high_res", "high_res_channels"})
-        opts = dict(options)
-        layers = image_info.resolve_layers(opts.pop("layers", None))
-        if "high_res_channels" in opts:
-            opts["high_res_channels"] = tuple(opts["high_res_channels"])
-        return cls(vision_width=image_info.width, text_width=text_info.width, text_dim=text_info.embed_dim,
-                   patch_size=image_info.patch_size, layers=layers, presence=presence, **opts)
+        return token_decoder_from_config(cls, options, {"layers", "dim", "heads", "high_res", "high_res_channels"},
+                                         image_info, text_info, presence)
 
     def forward(self, image: ImageFeatures, text: TextFeatures, pixel_values: Tensor, k: int) -> DecoderOutput:
         """image: B images; text: B * K prompts -> logits (B * K, H, W), presence (B * K,)."""

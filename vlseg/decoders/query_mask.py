@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
 from . import DECODERS
-from .base import DecoderOutput, FusionDecoder, check_options
+from .base import DecoderOutput, FusionDecoder, token_decoder_from_config
 from .blocks import ConvNormAct, masked_mean, repeat_k, resize_to, tokens_to_map
 from .cross_attn import BiCrossAttention, HighResBranch
 
@@ -62,14 +62,8 @@ class QueryMaskDecoder(FusionDecoder):
     @classmethod
     def from_config(cls, options: dict[str, Any], image_info: ImageEncoderInfo, text_info: TextEncoderInfo,
                     presence: bool) -> QueryMaskDecoder:
-        check_options(cls, options, {"layers", "dim", "heads", "fusion_layers", "embed_dim", "high_res_channels",
-                                     "gate"})
-        opts = dict(options)
-        layers = image_info.resolve_layers(opts.pop("layers", None))
-        if "high_res_channels" in opts:
-            opts["high_res_channels"] = tuple(opts["high_res_channels"])
-        return cls(vision_width=image_info.width, text_width=text_info.width, text_dim=text_info.embed_dim,
-                   patch_size=image_info.patch_size, layers=layers, presence=presence, **opts)
+        allowed = {"layers", "dim", "heads", "fusion_layers", "embed_dim", "high_res_channels", "gate"}
+        return token_decoder_from_config(cls, options, allowed, image_info, text_info, presence)
 
     def pixel_embeddings(self, patches: Tensor, grid: tuple[int, int], pixel_values: Tensor) -> Tensor:
         """Per image: (B, N, d) fused patch tokens + (B, 3, H, W) -> (B, E, H/2, W/2) pixel embeddings."""
