@@ -65,6 +65,22 @@ def test_group_split_reproducible_and_disjoint(shared_data):
     assert not imgs(tr) & imgs(va)
 
 
+def test_split_of_a_dataset_does_not_depend_on_what_it_is_pooled_with(shared_data):
+    """Training loads one source per dataset; `vlseg evaluate --data manifest_all.jsonl --split val` loads them
+    pooled. Both must hold out the same images, or the evaluation scores training images."""
+    def held_out(ds):
+        _, va = train_val_split(ds, 0.2, seed=0)
+        return {(r["dataset"], r["image"]) for r in va.records}
+
+    pooled = held_out(from_manifest(shared_data / "manifest_all.jsonl"))
+    alone = set().union(*(held_out(from_manifest(mf)) for mf in sorted(shared_data.glob("*/manifest.jsonl"))))
+    assert pooled and pooled == alone
+    # and it is a split of each dataset, not the same pick for every seed
+    assert held_out(from_manifest(shared_data / "manifest_all.jsonl")) != {
+        (r["dataset"], r["image"]) for r in train_val_split(from_manifest(shared_data / "manifest_all.jsonl"),
+                                                            0.2, seed=1)[1].records}
+
+
 def test_check_splits_names_overlap():
     with pytest.raises(DataError, match="a.png"):
         check_splits(train=["a.png", "b.png"], val=["a.png"])

@@ -320,7 +320,9 @@ def train_val_split(ds: SampleDataset, val_fraction: float = 0.2, seed: int = 0,
                     single_group: str = "block") -> tuple[Subset, Subset]:
     """Reproducible split by group (subject / video / sequence / volume where the source has one, else image), so
     near-duplicate frames and the several classes of one image never straddle it. Each dataset is split on its own
-    so every dataset appears on both sides when it has at least two groups.
+    so every dataset appears on both sides when it has at least two groups, and its split depends only on
+    (seed, dataset name, its own groups): the same images are held out whether the dataset is loaded alone (one
+    training source per dataset) or inside a pooled manifest (``vlseg evaluate --data manifest_all.jsonl``).
 
     Args:
         single_group: a dataset that is one group (one volume, one video) is split into two contiguous blocks of
@@ -337,8 +339,8 @@ def train_val_split(ds: SampleDataset, val_fraction: float = 0.2, seed: int = 0,
         by_ds.setdefault(str(r.get("dataset", "")), {}).setdefault(ds.group_of(i), []).append(i)
     train: list[int] = []
     val: list[int] = []
-    rng = random.Random(seed)
     for name in sorted(by_ds):
+        rng = random.Random(f"{seed}:{name}")  # a dataset's split never depends on what it is pooled with
         groups = sorted(by_ds[name])
         if len(groups) == 1 and single_group == "block":
             idx = by_ds[name][groups[0]]
