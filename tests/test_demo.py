@@ -92,6 +92,27 @@ def test_gradio_client_segments(demo_server):
     assert len(inside) == 1 and 60 < inside.pop() < 180 and 0 < (alpha == 255).sum() < (alpha > 0).sum()
 
 
+def test_gradio_client_segments_with_the_sam3_preset(demo_server):
+    """SAM 3 is one more preset in the demo's model picker: the tiny random one, built offline."""
+    from gradio_client import Client, handle_file
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_app", ROOT / "demo" / "app.py")
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    assert {"sam3", "sam3-litetext", "tiny-test-sam3"} <= set(app.checkpoint_choices(None))  # in the picker
+    c = Client(demo_server["url"], verbose=False)
+    annotated, table, overlay, zipped, legend = c.predict(
+        handle_file(str(demo_server["image"])), "polyp\nthe grasper", 0.5, "tiny-test-sam3", "false",
+        api_name="/segment")
+    assert [r[0] for r in table["data"]] == ["polyp", "the grasper"]
+    assert Image.open(overlay).size == (160, 120)
+    import zipfile
+
+    assert len(zipfile.ZipFile(zipped).namelist()) == 2
+
+
 def test_gradio_client_asks(demo_server):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
