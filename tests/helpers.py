@@ -75,3 +75,15 @@ def tiny_biomedclip_like(tmp: str | os.PathLike) -> dict:
         "text_cfg": {"hf_model_name": str(bert), "hf_tokenizer_name": str(bert), "hf_model_pretrained": False,
                      "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32},
     }}}
+
+
+def with_strong_lora(model, r: int = 4):
+    """LoRA r on both towers with random (not zero) B matrices, so the adapters change the outputs."""
+    import torch
+
+    model.apply_lora({"r": r, "image": True, "text": True})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return model

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vlseg
+from helpers import with_strong_lora
 from vlseg import precision as P
 
 IMAGES = P.sample_images(n=2, size=64)
@@ -32,6 +33,7 @@ def test_machine_info_describes_this_machine():
     modes = P.available_modes("cpu", info)
     assert modes[0] == "fp32" and set(modes) <= set(P.MODES)
     assert ("bf16" in modes) == info.cpu_bf16 and ("int8" in modes) == info.cpu_int8
+    assert ("onnx" in modes) == P.ort.available()
 
 
 @pytest.mark.parametrize("flags,expected", [
@@ -40,9 +42,12 @@ def test_machine_info_describes_this_machine():
     (frozenset({"amx_bf16", "amx_int8", "avx512f", "avx2"}), ["fp32", "bf16", "int8"]),
     (frozenset(), ["fp32"]),
 ])
-def test_available_modes_follow_the_cpu_flags(flags, expected):
+def test_available_modes_follow_the_cpu_flags(flags, expected, monkeypatch):
     info = P.MachineInfo("test cpu", flags, "AVX2", 2, torch.__version__, ("x86", "fbgemm"))
+    monkeypatch.setattr(P.ort, "available", lambda: False)
     assert P.available_modes("cpu", info) == expected
+    monkeypatch.setattr(P.ort, "available", lambda: True)  # ONNX Runtime installed: its modes join
+    assert P.available_modes("cpu", info) == expected + (["onnx", "onnx-int8"] if "int8" in expected else ["onnx"])
 
 
 def test_cuda_offers_bf16_only_where_native():
@@ -122,11 +127,7 @@ def test_variants_never_change_the_fp32_model_or_its_checkpoint(tiny, tmp_path):
 
 
 def test_lora_is_merged_into_the_copy(tiny):
-    tiny.apply_lora({"r": 4, "image": True, "text": True})
-    with torch.no_grad():
-        for n, p in tiny.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)  # make the adapters matter
+    with_strong_lora(tiny)
     ref = _probs(tiny)
     v = P.variant(tiny, "bf16")
     assert not any("lora_" in n for n, _ in v.image_encoder.named_parameters())
@@ -192,6 +193,7 @@ def test_auto_never_picks_a_mode_that_fails_the_bar(clipseg, tmp_path, monkeypat
 def test_auto_falls_back_to_fp32(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("VLSEG_CACHE", str(tmp_path))
     # a machine without fast modes: no calibration at all
+    monkeypatch.setattr(P.ort, "available", lambda: False)
     monkeypatch.setattr(P, "machine_info", lambda device=None: P.MachineInfo("old cpu", frozenset(), "DEFAULT", 1,
                                                                               torch.__version__, ()))
     assert P.available_modes("cpu") == ["fp32"]

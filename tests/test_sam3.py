@@ -325,7 +325,7 @@ def test_finetune_script_on_shared_data(sam3_dir, tmp_path, shared_data):
     out = tmp_path / "run"
     manifest = shared_data / "cvc_clinicdb" / "manifest.jsonl"
     args = ["model=tiny-test-sam3", f"pretrained={sam3_dir}", f"data=[{{manifest: {manifest}}}]",
-            f"output_dir={out}", "max_steps=6", "batch_size=2", "lr=0.001", "warmup_steps=1", "eval_every=1000",
+            f"output_dir={out}", "max_steps=6", "batch_size=2", "lr=0.0003", "warmup_steps=1", "eval_every=1000",
             "eval_max_samples=1", "prompt_levels=[p1]", "eval_levels=[p1]", "negative_rate=0.25",
             "augment={hflip: 0.5}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}

@@ -23,6 +23,9 @@ from typing import Any
 import numpy as np
 
 from .io import InputItem
+from .precision import PRECISIONS
+
+PRECISION_CHOICES = list(PRECISIONS)
 
 
 def outputs_for(item: InputItem, names: list[str], out: Path, video_format: str = "mp4") -> list[Path]:
@@ -179,7 +182,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ds = val if args.split == "val" else train
     summary = evaluate(model, ds, args.out, levels=args.levels, max_samples=args.max_samples, seed=args.seed,
                        ablations=not args.no_ablations, language_use=not args.no_language_use,
-                       language_use_images=args.language_use_images, overlays=args.overlays)
+                       language_use_images=args.language_use_images, overlays=args.overlays,
+                       precision=args.precision)
     print("\n".join(report_lines(summary)))
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
@@ -249,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--presence-threshold", type=_presence, default="model",
                    help="'model' (the checkpoint's calibrated threshold), a number, or 'none'")
     s.add_argument("--device", default=None)
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
+    s.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="auto: the fastest mode whose masks pass the fidelity bar on this machine (vlseg.precision)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: cores - 1)")
@@ -282,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-language-use", action="store_true")
     e.add_argument("--language-use-images", type=int, default=200, help="images for the language-use report")
     e.add_argument("--overlays", type=int, default=4, help="worst and best cases saved as PNG")
+    e.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
+                   help="fp32 (default): the model as trained; auto: what `segment --precision auto` runs here")
     e.set_defaults(func=cmd_evaluate)
     q = sub.add_parser("ask", help="answer questions about an image (a VQA model) and write the answer masks")
     q.add_argument("image", help="PNG/JPEG/TIFF/DICOM image")

@@ -81,7 +81,8 @@ PER_IMAGE_COLUMNS = ["image", "dataset", "class_name", "level", "prompt", "negat
 
 def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = ("p1", "p6"),
              max_samples: int | None = None, seed: int = 0, ablations: bool = True, language_use: bool = True,
-             language_use_images: int | None = 200, overlays: int = 4, progress: bool = True) -> dict[str, Any]:
+             language_use_images: int | None = 200, overlays: int = 4, progress: bool = True,
+             precision: str = "fp32") -> dict[str, Any]:
     """Evaluate and write ``out/metrics.json`` (overall, per dataset, per prompt level, ablations and
     ``language_use``), ``out/per_image.csv`` and overlay PNGs of the worst and best cases (``out/overlays/``).
 
@@ -90,6 +91,9 @@ def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = 
         levels: prompt levels scored (the first one for the ablations and overlays).
         language_use: add the language-use report (wrong-class -> empty, presence AUROC, composite canvases,
             own vs other class, level spread); ``language_use_images`` caps its images.
+        precision: the precision mode to evaluate in (``vlseg.precision``): ``fp32`` measures the model as trained;
+            ``auto`` measures what ``segment(..., precision="auto")`` gives on this machine. Recorded in
+            metrics.json under ``precision``.
     Returns:
         The summary written to metrics.json.
     """
@@ -101,11 +105,15 @@ def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = 
     from .data import PooledDataset
     from .visualize import error_overlay
 
+    from .inference import with_precision
+
     out = Path(out)
     ds = dataset if isinstance(dataset, PooledDataset) else PooledDataset({"data": dataset})
+    model = with_precision(model, precision)
     summary, rows = evaluate_dataset(model, ds, levels, max_samples, seed, ablations=ablations,
                                      keep_predictions=True, progress=progress)
     summary["levels"] = list(levels)
+    summary["precision"] = getattr(model, "precision", "fp32")
     if language_use:
         from .language_use import language_use_report, summary_line
 

@@ -16,6 +16,9 @@ weights and its checkpoints are never touched):
 - ``int8``: dynamic int8 quantisation of every Linear layer of both encoders (int8 weights per tensor, activations
   quantised per call; ``torch.ao.quantization.quantize_dynamic`` on the ``x86``/``fbgemm``/``onednn`` engine,
   which uses VNNI where the CPU has it). CPU only. The decoder stays fp32.
+- ``onnx`` / ``onnx-int8`` (``vlseg.ort``; CPU, where onnxruntime is installed: the ``onnx`` extra): the image
+  encoder exported to ONNX once per machine and model and run by ONNX Runtime, as is (fp32 maths) or dynamically
+  quantised to int8 (then the text encoder is torch int8 too).
 
 LoRA adapters are merged into the copies (same function, no adapter overhead). A copy is a snapshot: it is rebuilt
 when the model's encoder weights change (training steps, ``load_state_dict``) or the model moves to another
@@ -51,12 +54,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import ort
+
 if TYPE_CHECKING:
     from .model import VLSegModel
 
 logger = logging.getLogger(__name__)
 
-MODES = ("fp32", "bf16", "int8")
+MODES = ("fp32", "bf16", "int8", "onnx", "onnx-int8")  # onnx*: ONNX Runtime (vlseg.ort), CPU, the onnx extra
 PRECISIONS = ("auto", *MODES)
 #: /proc/cpuinfo flags that decide which modes are native (the rest are not recorded)
 RELEVANT_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f",
@@ -183,12 +188,17 @@ def available_modes(device: str | torch.device = "cpu", info: MachineInfo | None
             modes.append("bf16")
         if info.cpu_int8:
             modes.append("int8")
+        if ort.available():
+            modes += ["onnx", "onnx-int8"] if info.cpu_int8 else ["onnx"]
     return modes
 
 
 def runnable_modes(device: str | torch.device = "cpu") -> list[str]:
-    """Modes that run at all on ``device`` (bf16 runs emulated where it is not native; int8 is CPU only)."""
-    return ["fp32", "bf16", "int8"] if torch.device(device).type == "cpu" else ["fp32", "bf16"]
+    """Modes that run at all on ``device`` (bf16 runs emulated where it is not native; int8 and the ONNX Runtime
+    modes are CPU only, the latter where onnxruntime is installed)."""
+    if torch.device(device).type != "cpu":
+        return ["fp32", "bf16"]
+    return ["fp32", "bf16", "int8", *(ort.ORT_MODES if ort.available() else ())]
 
 
 # ----------------------------------------------------------------------------- converted encoder copies
@@ -313,8 +323,13 @@ _LOCK = threading.RLock()
 
 
 def _build_variant(model: VLSegModel, mode: str) -> VLSegModel:
-    image = _encoder_copy(model.image_encoder, mode)
-    text = _encoder_copy(model.text_encoder, mode)
+    if mode in ort.ORT_MODES:
+        image: Any = ort.OrtImageEncoder(model.image_encoder, model.decoder.layers, model_fingerprint(model),
+                                               int8=mode == "onnx-int8")
+        text = _encoder_copy(model.text_encoder, "int8" if mode == "onnx-int8" else "fp32")
+    else:
+        image = _encoder_copy(model.image_encoder, mode)
+        text = _encoder_copy(model.text_encoder, mode)
     cls = type(model)
     kwargs = {}
     if "family" in inspect.signature(cls.__init__).parameters:
