@@ -251,3 +251,36 @@ def test_autocast_is_deprecated():
     m = vlseg.create_model("tiny-test", pretrained=False)
     with pytest.warns(DeprecationWarning, match="precision='bf16'"):
         vlseg.segment(m, np.zeros((16, 16, 3), np.uint8), "polyp", autocast=True)
+
+
+def test_a_sample_without_masks_proves_nothing(tiny, tmp_path, monkeypatch):
+    """A trained model's presence head empties its masks on images unlike its data: such a sample cannot show a
+    mode is faithful, so no mode passes on it, auto keeps fp32 and nothing is cached."""
+    monkeypatch.setenv("VLSEG_CACHE", str(tmp_path))
+    with torch.no_grad():
+        tiny.decoder.presence_head[1].bias.fill_(-50.0)  # "absent" everywhere: every mask empty
+    f = P.fidelity(tiny, "int8", IMAGES, PROMPTS)
+    assert f.pairs == 4 and f.informative == 0 and not f.passes(P.FidelityBar(0.0, 0.0))
+    monkeypatch.setattr(P, "_timings", lambda fns, repeats, device: {m: {"fp32": 1.0}.get(m, 0.1) for m in fns})
+    c = P.calibrate(tiny, IMAGES, PROMPTS, repeats=1, modes=["fp32", "int8"])
+    assert c.chosen == "fp32" and not c.passed["int8"] and any("not verified" in n for n in c.notes)
+    assert not (tmp_path / "precision").exists()
+
+
+def test_auto_calibrates_on_the_images_it_is_asked_to_segment(tiny, monkeypatch):
+    seen = {}
+
+    def spy(model, images=None, prompts=None, **kw):
+        seen["images"], seen["prompts"] = images, prompts
+        return P.Calibration("fp32", {"fp32": 1.0}, {}, {"fp32": True}, {}, "cpu", "", "k")
+
+    monkeypatch.setattr(P, "calibrate", spy)
+    monkeypatch.setattr(P, "available_modes", lambda device="cpu", info=None: ["fp32", "int8"])
+    P._RESOLVED.pop(tiny, None)
+    imgs = [np.full((40, 50, 3), i * 60, np.uint8) for i in range(5)]
+    vlseg.segment(tiny, imgs, ["polyp", "liver"], precision="auto")
+    assert len(seen["images"]) == 3 and seen["images"][1] is imgs[1] and seen["prompts"] == ["polyp", "liver"]
+    P._RESOLVED.pop(tiny, None)
+    vlseg.predict(tiny, imgs[4], ["skin lesion"], precision="auto")
+    assert seen["images"][0] is imgs[4] and seen["prompts"] == ["skin lesion"]
+    P._RESOLVED.pop(tiny, None)

@@ -209,7 +209,7 @@ def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if boxes is not None:
         arr = read_image(image)[0]
         image, bp = arr, box_prompts(boxes, box_labels, len(prompts), arr.shape[:2])
-    run = with_precision(model, precision)
+    run = with_precision(model, precision, [image], prompts)
     probs, presence, inst = _run_detailed(run, [image], list(prompts), 1, False, boxes=bp, threshold=threshold)[0]
     masks = _gate(probs, presence, threshold, presence_cutoff(model, presence_threshold))
     head = presence is not None
@@ -217,7 +217,8 @@ def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     return Prediction(masks=masks, probs=probs, presence=score, has_presence_head=head, instances=inst)
 
 
-def with_precision(model: VLSegModel, precision: str) -> VLSegModel:
+def with_precision(model: VLSegModel, precision: str, images: Sequence[Any] | None = None,
+                   prompts: Sequence[str] | None = None) -> VLSegModel:
     """The model to run for ``precision`` (``fp32``: the model itself; ``bf16``/``int8``: converted copies of its
     encoders, built once; ``auto``: the fastest mode that passes the fidelity bar on this machine, see
     ``vlseg.precision``)."""
@@ -228,7 +229,7 @@ def with_precision(model: VLSegModel, precision: str) -> VLSegModel:
     allowed = model.family.precision_modes
     if allowed is not None and precision not in ("auto", *allowed):
         raise ValueError(f"{model.config.family!r} models run in {list(allowed)}, not {precision!r}")
-    mode = resolve(model, precision)
+    mode = resolve(model, precision, images=images, prompts=prompts)
     return model if mode == "fp32" or (allowed is not None and mode not in allowed) else variant(model, mode)
 
 
@@ -280,7 +281,8 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if autocast:
         warnings.warn("segment(autocast=True) is deprecated: use precision='bf16' (converted weights, checked "
                       "against fp32) or precision='auto'", DeprecationWarning, stacklevel=2)
-    run = with_precision(model, precision)
+    sample = [x for x in (list(image) if _is_batch(image) else [image]) if not is_volume_source(x)][:3]
+    run = with_precision(model, precision, sample, prompts)
     if boxes is not None:
         if _is_batch(image) or is_volume_source(image):
             raise ValueError("box prompts are in one image's pixels: pass a single 2D image with boxes=")

@@ -406,10 +406,13 @@ class Fidelity:
 
     Attributes:
         mode: the precision mode.
-        mean_iou, min_iou: mask IoU against fp32 per (image, prompt) pair (1.0 when both masks are empty).
+        mean_iou, min_iou: mask IoU against fp32 over the informative (image, prompt) pairs.
         mean_prob_diff, max_prob_diff: absolute probability differences over all pixels.
         pairs: how many (image, prompt) pairs were compared.
         threshold: the mask threshold.
+        informative: pairs where fp32 or the mode gives a non-empty mask. Two empty masks agree trivially (a
+            trained model's presence head empties its masks on images unlike its data), so they are left out of
+            the IoUs, and a sample without any informative pair proves nothing: it does not pass.
     """
 
     mode: str
@@ -419,9 +422,10 @@ class Fidelity:
     max_prob_diff: float
     pairs: int
     threshold: float = 0.5
+    informative: int = -1  # -1: not counted (results written before the field existed)
 
     def passes(self, bar: FidelityBar = DEFAULT_BAR) -> bool:
-        return self.mean_iou >= bar.mean_iou and self.min_iou >= bar.min_iou
+        return self.informative != 0 and self.mean_iou >= bar.mean_iou and self.min_iou >= bar.min_iou
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -477,15 +481,19 @@ def fidelity(model: VLSegModel, mode: str, images: Sequence[Any] | None = None,
     prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
     ref = reference if reference is not None else _probs(model, images, prompts)
     got = _probs(variant(model, mode), images, prompts)
-    ious, diffs, maxd = [], [], 0.0
+    ious, diffs, maxd, pairs = [], [], 0.0, 0
     for r, g in zip(ref, got):
         for k in range(r.shape[0]):
-            ious.append(mask_iou(r[k] > threshold, g[k] > threshold))
+            a, b = r[k] > threshold, g[k] > threshold
+            pairs += 1
+            if a.any() or b.any():
+                ious.append(mask_iou(a, b))
         d = np.abs(r - g)
         diffs.append(float(d.mean()))
         maxd = max(maxd, float(d.max()))
-    return Fidelity(mode=mode, mean_iou=float(np.mean(ious)), min_iou=float(np.min(ious)),
-                    mean_prob_diff=float(np.mean(diffs)), max_prob_diff=maxd, pairs=len(ious), threshold=threshold)
+    return Fidelity(mode=mode, mean_iou=float(np.mean(ious)) if ious else 1.0,
+                    min_iou=float(np.min(ious)) if ious else 1.0, mean_prob_diff=float(np.mean(diffs)),
+                    max_prob_diff=maxd, pairs=pairs, threshold=threshold, informative=len(ious))
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -635,7 +643,10 @@ def calibrate(model: VLSegModel, images: Sequence[Any] | None = None, prompts: S
                 continue
             fid[mode] = f.to_dict()
             passed[mode] = f.passes(bar)
+            if f.informative == 0:
+                notes.append(f"{mode}: not verified: fp32 and {mode} give only empty masks on this sample")
             runners[mode] = variant(model, mode)
+        verified = any(f["informative"] != 0 for f in fid.values())
         first, prompt = images[:1], [prompts[0]]
         seconds = _timings({m: (lambda r=r: segment(r, first[0], prompt)) for m, r in runners.items()}, repeats, dev)
         chosen = "fp32"
@@ -647,8 +658,11 @@ def calibrate(model: VLSegModel, images: Sequence[Any] | None = None, prompts: S
         result = Calibration(chosen=chosen, seconds=seconds, fidelity=fid, passed=passed, bar=asdict(bar),
                              device=str(dev), machine=info.describe(dev), key=key, notes=notes,
                              created=dt.datetime.now().isoformat(timespec="seconds"))
-        if cache:
+        if cache and (verified or not fid):
             _write_json(path, result.to_dict())
+        elif cache:
+            logger.warning("precision='auto': the calibration images gave no masks to compare, so no faster mode "
+                           "could be checked against fp32; using fp32 (not cached on disk: the next run tries its own images)")
         return result
 
 
@@ -666,11 +680,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         logger.warning("could not write the precision cache %s (%s)", path, e)
 
 
-def resolve(model: VLSegModel, precision: str = "auto", device: str | torch.device | None = None) -> str:
+def resolve(model: VLSegModel, precision: str = "auto", device: str | torch.device | None = None,
+            images: Sequence[Any] | None = None, prompts: Sequence[str] | None = None) -> str:
     """The mode ``precision`` means for ``model`` on ``device`` (default: the model's device).
 
     ``auto`` calibrates once per machine and model (cached; see ``calibrate``) and returns the fastest mode that
-    passes the fidelity bar, or ``fp32``; it never raises (any failure logs a warning and gives ``fp32``). An
+    passes the fidelity bar, or ``fp32``; it never raises (any failure logs a warning and gives ``fp32``).
+    ``images`` / ``prompts`` are the calibration sample: ``segment``, ``predict``, the CLI and the demo pass the
+    first images and the prompts they are asked to segment, so a trained model is checked on images like its own
+    (on ``sample_images()``, synthetic, a trained model's masks are often all empty and prove nothing). An
     explicit mode is returned as asked when it can run on the device; a bf16 request where bf16 is not native
     warns that it will be slower.
 
@@ -697,7 +715,10 @@ def resolve(model: VLSegModel, precision: str = "auto", device: str | torch.devi
     try:
         family_modes = getattr(getattr(model, "family", None), "precision_modes", None)
         modes = [m for m in available_modes(dev) if family_modes is None or m in family_modes]
-        chosen = "fp32" if modes == ["fp32"] else calibrate(model, device=dev, modes=modes).chosen
+        sample = list(images)[:3] if images else None
+        words = [p for p in (prompts or []) if p.strip()][:3] or None
+        chosen = "fp32" if modes == ["fp32"] else calibrate(model, images=sample, prompts=words, device=dev,
+                                                            modes=modes).chosen
     except Exception as e:  # noqa: BLE001  (auto must never break inference)
         logger.warning("precision='auto' fell back to fp32: %s: %s", type(e).__name__, e)
         return "fp32"
