@@ -391,16 +391,26 @@ def case_folder(folder: str, n: int, prompts: list[str], device: str, tmp: Path)
     ref_cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-folder", folder, str(images),
                str(tmp / "folder_hf"), "--device", device, *[x for p in prompts for x in ("--prompt", p)]]
     times = {}
-    for key, c in (("ref", ref_cmd), ("vlseg", cmd)):
+    # vlseg twice: the first run on a machine also calibrates `auto` (and exports ONNX) once for this model and
+    # caches it; the second is what every later run costs. Both are reported; the target reads the second.
+    runs = (("ref", ref_cmd, None), ("vlseg_first", cmd, "folder_vlseg_first"), ("vlseg", cmd, "folder_vlseg"))
+    for key, c, out in runs:
+        if out is not None:
+            c = [*c]
+            c[c.index("--out") + 1] = str(tmp / out)
         t = time.perf_counter()
         r = subprocess.run(c, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
         times[key] = time.perf_counter() - t
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(c[:4])} failed: {r.stderr[-2000:]}")
-    return [row(f"folder_{n}_images_{len(prompts)}_prompts_cli", times["vlseg"],
-                "transformers pipeline image by image (fresh process, writes mask PNGs)", times["ref"], images=n,
-                prompts=len(prompts), precision=precision,
-                note="one run each; both include start-up and model load; vlseg also writes overlays")]
+    name = f"folder_{n}_images_{len(prompts)}_prompts_cli"
+    ref = "transformers pipeline image by image (fresh process, writes mask PNGs)"
+    return [row(name, times["vlseg"], ref, times["ref"], images=n, prompts=len(prompts), precision=precision,
+                note="one run each; both include start-up and model load; vlseg also writes overlays; precision "
+                     "calibration already cached on this machine (every run after the first)"),
+            row(f"{name}_first_use", times["vlseg_first"], ref, times["ref"], images=n, prompts=len(prompts),
+                precision=precision, note="the first run on a machine: includes the one-time precision calibration "
+                                          "(and ONNX export) for this model")]
 
 
 def hf_folder(folder: str, images: str, out: str, prompts: list[str], device: str) -> None:
@@ -499,7 +509,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         k8 = by.get(f"k_prompts_8_{chosen}_{c}" if chosen != "fp32" else
                     ("k_prompts_8" if c == "warm" else "k_prompts_8_cold"))
         add(f"K=8 vs transformers fp32 ({c} prompt cache)", k8 and k8["ratio"], TARGETS["k8_vs_hf_fp32"], f"auto ({chosen})")
-    folder = next((c for c in result["cases"] if c["name"].startswith("folder_")), None)
+    folder = next((c for c in result["cases"] if c["name"].startswith("folder_")
+                   and not c["name"].endswith("_first_use")), None)
     add("folder via CLI vs transformers image by image", folder and folder["ratio"], TARGETS["folder_vs_hf"],
         folder["name"] if folder else "")
     return out
