@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from .blocks import masked_mean
 
 
 @dataclass
@@ -65,3 +67,46 @@ def token_decoder_from_config(cls: Any, options: dict[str, Any], allowed: set[st
         opts["high_res_channels"] = tuple(opts["high_res_channels"])
     return cls(vision_width=image_info.width, text_width=text_info.width, text_dim=text_info.embed_dim,
                patch_size=image_info.patch_size, layers=layers, presence=presence, **opts)
+
+
+class TokenFusionDecoder(FusionDecoder):
+    """Decoders that fuse per-layer image tokens with text token states (cross-attn, query-mask). What they share:
+    the input projections (``vis_proj`` per layer, ``txt_proj``, ``pool_proj``), the prompt query, the presence
+    head and ``from_config`` (subclasses list their options in ``OPTIONS``).
+
+    Args (keyword-only): vision_width: C.  text_width: Dt.  text_dim: D (pooled).  patch_size: p.
+        layers: encoder blocks read, shallow to deep.  dim: decoder width d.
+    """
+
+    OPTIONS: frozenset[str] = frozenset()
+
+    def __init__(self, *, vision_width: int, text_width: int, text_dim: int, patch_size: int,
+                 layers: tuple[int, ...], dim: int):
+        super().__init__()
+        self.layers = tuple(layers)
+        self.patch_size = patch_size
+        self.vis_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(vision_width), nn.Linear(vision_width, dim))
+                                      for _ in self.layers)
+        self.txt_proj = nn.Linear(text_width, dim)
+        self.pool_proj = nn.Linear(text_dim, dim)
+        self.presence_head: nn.Module | None = None
+
+    @classmethod
+    def from_config(cls, options: dict[str, Any], image_info: ImageEncoderInfo, text_info: TextEncoderInfo,
+                    presence: bool) -> Any:
+        return token_decoder_from_config(cls, options, set(cls.OPTIONS), image_info, text_info, presence)
+
+    @staticmethod
+    def make_presence_head(dim: int) -> nn.Module:
+        """Scores [prompt query, mean fused patch token] (2d) -> one presence logit."""
+        return nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, 1))
+
+    def prompt_query(self, txt: Tensor, text: TextFeatures) -> Tensor:
+        """(BK, L, d) fused text tokens -> (BK, d): their masked mean plus the projected pooled embedding."""
+        return masked_mean(txt, text.mask) + self.pool_proj(text.pooled)
+
+    def presence_logits(self, query: Tensor, pix: Tensor) -> Tensor | None:
+        """(BK, d) query, (BK, N, d) fused patch tokens -> (BK,) presence logits, or None without a head."""
+        if self.presence_head is None:
+            return None
+        return self.presence_head(torch.cat([query, pix.mean(1)], -1))[:, 0]

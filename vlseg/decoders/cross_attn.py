@@ -5,15 +5,14 @@ the raw image (1/2 and 1/4 scale) so thin structures and boundaries are not bloc
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from ..features import ImageFeatures, TextFeatures
 from . import DECODERS
-from .base import DecoderOutput, FusionDecoder, token_decoder_from_config
-from .blocks import ConvNormAct, FiLM, masked_mean, repeat_k, resize_to, tokens_to_map
+from .base import DecoderOutput, TokenFusionDecoder
+from .blocks import ConvNormAct, FiLM, repeat_k, resize_to, tokens_to_map
 
 
 class BiCrossAttention(nn.Module):
@@ -53,25 +52,21 @@ class HighResBranch(nn.Module):
 
 
 @DECODERS.register("cross-attn")
-class CrossAttnDecoder(FusionDecoder):
+class CrossAttnDecoder(TokenFusionDecoder):
     """Args (keyword-only):
-        vision_width: C.  text_width: Dt (token states).  text_dim: D (pooled).  patch_size: p.
-        layers: encoder blocks to fuse, shallow to deep.  dim: decoder width d.  heads: attention heads.
+        vision_width, text_width, text_dim, patch_size, layers, dim: as ``TokenFusionDecoder``.  heads: attention heads.
         high_res: add the raw-image branch (1/2, 1/4).  presence: add a presence head.
     Output logits are predicted at 1/2 resolution as a dot product of pixel embeddings with the prompt query,
     then resized to (H, W).
     """
 
+    OPTIONS = frozenset({"layers", "dim", "heads", "high_res", "high_res_channels"})
+
     def __init__(self, *, vision_width: int, text_width: int, text_dim: int, patch_size: int,
                  layers: tuple[int, ...], dim: int = 128, heads: int = 4, high_res: bool = True,
                  high_res_channels: tuple[int, int] = (16, 32), presence: bool = True):
-        super().__init__()
-        self.layers = tuple(layers)
-        self.patch_size = patch_size
-        self.vis_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(vision_width), nn.Linear(vision_width, dim))
-                                      for _ in self.layers)
-        self.txt_proj = nn.Linear(text_width, dim)
-        self.pool_proj = nn.Linear(text_dim, dim)
+        super().__init__(vision_width=vision_width, text_width=text_width, text_dim=text_dim, patch_size=patch_size,
+                         layers=layers, dim=dim)
         self.fuse = nn.ModuleList(BiCrossAttention(dim, heads) for _ in self.layers)
         c1, c2 = high_res_channels if high_res else (0, 0)
         self.high_res = HighResBranch(c1, c2) if high_res else None
@@ -83,13 +78,7 @@ class CrossAttnDecoder(FusionDecoder):
                                     FiLM(dim, d4, channel_last=False)])
         self.query = nn.Linear(dim, d4)
         self.bias = nn.Parameter(torch.zeros(1))
-        self.presence_head = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, 1)) if presence else None
-
-    @classmethod
-    def from_config(cls, options: dict[str, Any], image_info: ImageEncoderInfo, text_info: TextEncoderInfo,
-                    presence: bool) -> CrossAttnDecoder:
-        return token_decoder_from_config(cls, options, {"layers", "dim", "heads", "high_res", "high_res_channels"},
-                                         image_info, text_info, presence)
+        self.presence_head = self.make_presence_head(dim) if presence else None
 
     def forward(self, image: ImageFeatures, text: TextFeatures, pixel_values: Tensor, k: int) -> DecoderOutput:
         """image: B images; text: B * K prompts -> logits (B * K, H, W), presence (B * K,)."""
@@ -103,7 +92,7 @@ class CrossAttnDecoder(FusionDecoder):
             pix = v if pix is None else pix + v
             pix, txt = fuse(pix, txt, mask)
         assert pix is not None  # layers is never empty
-        query = masked_mean(txt, mask) + self.pool_proj(text.pooled)  # (BK, d)
+        query = self.prompt_query(txt, text)  # (BK, d)
         x = tokens_to_map(pix, image.grid)  # (BK, d, gh, gw)
         size = lambda s: (math.ceil(H / s), math.ceil(W / s))  # noqa: E731
         x = self.films[0](self.up8(resize_to(x, size(8))), query)
@@ -121,7 +110,4 @@ class CrossAttnDecoder(FusionDecoder):
         q = self.query(query)
         logits = torch.einsum("bchw,bc->bhw", x, q) / math.sqrt(q.shape[-1]) + self.bias
         logits = resize_to(logits.unsqueeze(1), (H, W))[:, 0]
-        presence = None
-        if self.presence_head is not None:
-            presence = self.presence_head(torch.cat([query, pix.mean(1)], -1))[:, 0]
-        return DecoderOutput(logits=logits, presence=presence)
+        return DecoderOutput(logits=logits, presence=self.presence_logits(query, pix))

@@ -14,40 +14,35 @@ Shapes: image tokens (B, N, C) per layer; text (B * K) prompts; pixel embeddings
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
+from ..features import ImageFeatures, TextFeatures
 from . import DECODERS
-from .base import DecoderOutput, FusionDecoder, token_decoder_from_config
-from .blocks import ConvNormAct, masked_mean, repeat_k, resize_to, tokens_to_map
+from .base import DecoderOutput, TokenFusionDecoder
+from .blocks import ConvNormAct, repeat_k, resize_to, tokens_to_map
 from .cross_attn import BiCrossAttention, HighResBranch
 
 
 @DECODERS.register("query-mask")
-class QueryMaskDecoder(FusionDecoder):
+class QueryMaskDecoder(TokenFusionDecoder):
     """Args (keyword-only):
-        vision_width: C.  text_width: Dt.  text_dim: D (pooled).  patch_size: p.
-        layers: encoder blocks read, shallow to deep.  dim: decoder width d.  heads: attention heads.
+        vision_width, text_width, text_dim, patch_size, layers, dim: as ``TokenFusionDecoder``.  heads: attention heads.
         fusion_layers: text <-> patch cross-attention layers.  embed_dim: E, the per-pixel embedding width.
         high_res_channels: channels of the raw-image branch at 1/2 and 1/4.  presence: add a presence head.
         gate: the coarse prompt map gates the fine term (``coarse + sigmoid(coarse) * fine``), so fine detail only
             shows where the prompt points (no fine activations on the wrong tile or instance).
     """
 
+    OPTIONS = frozenset({"layers", "dim", "heads", "fusion_layers", "embed_dim", "high_res_channels", "gate"})
+
     def __init__(self, *, vision_width: int, text_width: int, text_dim: int, patch_size: int,
                  layers: tuple[int, ...], dim: int = 96, heads: int = 4, fusion_layers: int = 2, embed_dim: int = 32,
                  high_res_channels: tuple[int, int] = (16, 32), presence: bool = True, gate: bool = False):
-        super().__init__()
+        super().__init__(vision_width=vision_width, text_width=text_width, text_dim=text_dim, patch_size=patch_size,
+                         layers=layers, dim=dim)
         self.gate = gate
-        self.layers = tuple(layers)
-        self.patch_size = patch_size
-        self.vis_proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(vision_width), nn.Linear(vision_width, dim))
-                                      for _ in self.layers)
-        self.txt_proj = nn.Linear(text_width, dim)
-        self.pool_proj = nn.Linear(text_dim, dim)
         self.fuse = nn.ModuleList(BiCrossAttention(dim, heads) for _ in range(fusion_layers))
         c1, c2 = high_res_channels
         self.high_res = HighResBranch(c1, c2)
@@ -57,13 +52,7 @@ class QueryMaskDecoder(FusionDecoder):
         self.coarse = nn.Linear(dim, dim)  # prompt map channels scored by the query
         self.fine = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, embed_dim))
         self.bias = nn.Parameter(torch.zeros(1))
-        self.presence_head = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, 1)) if presence else None
-
-    @classmethod
-    def from_config(cls, options: dict[str, Any], image_info: ImageEncoderInfo, text_info: TextEncoderInfo,
-                    presence: bool) -> QueryMaskDecoder:
-        allowed = {"layers", "dim", "heads", "fusion_layers", "embed_dim", "high_res_channels", "gate"}
-        return token_decoder_from_config(cls, options, allowed, image_info, text_info, presence)
+        self.presence_head = self.make_presence_head(dim) if presence else None
 
     def pixel_embeddings(self, patches: Tensor, grid: tuple[int, int], pixel_values: Tensor) -> Tensor:
         """Per image: (B, N, d) fused patch tokens + (B, 3, H, W) -> (B, E, H/2, W/2) pixel embeddings."""
@@ -81,7 +70,7 @@ class QueryMaskDecoder(FusionDecoder):
         txt = self.txt_proj(text.tokens)
         for fuse in self.fuse:
             pix, txt = fuse(pix, txt, text.mask)
-        query = masked_mean(txt, text.mask) + self.pool_proj(text.pooled)  # (BK, d)
+        query = self.prompt_query(txt, text)  # (BK, d)
         b = image.batch_size
         coarse = torch.einsum("bnc,bc->bn", self.coarse(pix), query) / math.sqrt(query.shape[-1])
         coarse = coarse.reshape(b * k, 1, *image.grid)
@@ -89,7 +78,4 @@ class QueryMaskDecoder(FusionDecoder):
         coarse = resize_to(coarse, (fine.shape[-2], fine.shape[-1]))
         logits = coarse + (torch.sigmoid(coarse) * fine if self.gate else fine) + self.bias
         logits = resize_to(logits, (h, w))[:, 0]
-        presence = None
-        if self.presence_head is not None:
-            presence = self.presence_head(torch.cat([query, pix.mean(1)], -1))[:, 0]
-        return DecoderOutput(logits=logits, presence=presence)
+        return DecoderOutput(logits=logits, presence=self.presence_logits(query, pix))
