@@ -18,6 +18,7 @@ import threading
 import zipfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -175,6 +176,26 @@ def ask_question(file: str | None, question: str, model_name: str, pretrained: s
     return annotated, table, answer_html
 
 
+def model_picker(choices: list[str], default: str, pretrained: str, label: str, box_id: str | None,
+                 pretrained_id: str) -> tuple[Any, Any]:
+    """A model dropdown (presets and checkpoint folders, free text allowed) and its "pretrained" box, which shows
+    only while a preset is chosen. Call inside a layout block (e.g. a Row)."""
+    import gradio as gr
+
+    box = gr.Dropdown(choices + [default], value=default, allow_custom_value=True, label=label, elem_id=box_id)
+    pre = gr.Textbox(value=pretrained, label="pretrained (presets: true / false / local folder)",
+                     visible=is_preset(default), elem_id=pretrained_id)
+    box.change(lambda name: gr.update(visible=is_preset(name)), inputs=[box], outputs=[pre])
+    return box, pre
+
+
+def image_upload(elem_id: str) -> Any:
+    import gradio as gr
+
+    return gr.File(label="Image (PNG, JPEG, TIFF, DICOM)", type="filepath",
+                   file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"], elem_id=elem_id)
+
+
 def build_demo(default_model: str, pretrained: str = "true", checkpoints: str | None = None,
                vqa_model: str | None = None):
     import gradio as gr
@@ -183,18 +204,13 @@ def build_demo(default_model: str, pretrained: str = "true", checkpoints: str | 
         gr.Markdown("# vlseg: text-prompted medical image segmentation\nUpload an image, type what to segment "
                     "(Segment), or ask a question about it (Ask).")
         with gr.Row():
-            model_box = gr.Dropdown(checkpoint_choices(checkpoints) + [default_model], value=default_model,
-                                    allow_custom_value=True, label="Model (preset or checkpoint folder)")
-            pre_box = gr.Textbox(value=pretrained, label="pretrained (presets: true / false / local folder)",
-                                 visible=is_preset(default_model), elem_id="pretrained")
-        model_box.change(lambda name: gr.update(visible=is_preset(name)), inputs=[model_box], outputs=[pre_box])
+            model_box, pre_box = model_picker(checkpoint_choices(checkpoints), default_model, pretrained,
+                                              "Model (preset or checkpoint folder)", None, "pretrained")
         with gr.Tabs():
             with gr.Tab("Segment", id="segment"):
                 with gr.Row():
                     with gr.Column():
-                        file = gr.File(label="Image (PNG, JPEG, TIFF, DICOM)", type="filepath",
-                                       file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"],
-                                       elem_id="upload")
+                        file = image_upload("upload")
                         prompts = gr.Textbox(label="Prompts, one per line", lines=3, value="polyp",
                                              elem_id="prompts")
                         threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="Threshold")
@@ -212,17 +228,12 @@ def build_demo(default_model: str, pretrained: str = "true", checkpoints: str | 
             with gr.Tab("Ask (VQA)", id="vqa"):
                 vqa_default = vqa_model or "biomedclip-vqa"
                 with gr.Row():
-                    vqa_box = gr.Dropdown(vqa_choices(checkpoints) + [vqa_default], value=vqa_default,
-                                          allow_custom_value=True, label="VQA model (preset or checkpoint folder)",
-                                          elem_id="vqa-model")
-                    vqa_pre = gr.Textbox(value=pretrained, label="pretrained (presets: true / false / local folder)",
-                                         visible=is_preset(vqa_default), elem_id="vqa-pretrained")
-                vqa_box.change(lambda name: gr.update(visible=is_preset(name)), inputs=[vqa_box], outputs=[vqa_pre])
+                    vqa_box, vqa_pre = model_picker(vqa_choices(checkpoints), vqa_default, pretrained,
+                                                    "VQA model (preset or checkpoint folder)", "vqa-model",
+                                                    "vqa-pretrained")
                 with gr.Row():
                     with gr.Column():
-                        vqa_file = gr.File(label="Image (PNG, JPEG, TIFF, DICOM)", type="filepath",
-                                           file_types=[".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm"],
-                                           elem_id="vqa-upload")
+                        vqa_file = image_upload("vqa-upload")
                         question = gr.Textbox(label="Question", lines=1, value="Is there any grasper in the image?",
                                               elem_id="vqa-question")
                         top_k = gr.Slider(1, 10, value=5, step=1, label="Answers to list")
