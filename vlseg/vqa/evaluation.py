@@ -31,16 +31,19 @@ from .model import VQAModel
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
+def _same_length(y_true: Sequence[str], y_pred: Sequence[str]) -> None:
     if len(y_true) != len(y_pred):
         raise ValueError(f"{len(y_true)} truths but {len(y_pred)} predictions")
+
+
+def accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
+    _same_length(y_true, y_pred)
     return float(np.mean([t == p for t, p in zip(y_true, y_pred)])) if y_true else 0.0
 
 
 def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     """sklearn ``f1_score(average="macro", zero_division=0)``: labels = truths and predictions."""
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} truths but {len(y_pred)} predictions")
+    _same_length(y_true, y_pred)
     if not y_true:
         return 0.0
     tp: Counter[str] = Counter()
@@ -58,8 +61,7 @@ def macro_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
 
 def balanced_accuracy(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     """sklearn ``balanced_accuracy_score``: mean recall over the answers that occur as truths."""
-    if len(y_true) != len(y_pred):
-        raise ValueError(f"{len(y_true)} truths but {len(y_pred)} predictions")
+    _same_length(y_true, y_pred)
     if not y_true:
         return 0.0
     hit: Counter[str] = Counter()
