@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .encoders.base import ImageEncoder
 from .features import ImageFeatures
+from .sources import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +52,7 @@ def _require() -> None:
 
 def cache_dir() -> Path:
     """``$VLSEG_CACHE/onnx`` or ``~/.cache/vlseg/onnx``."""
-    root = os.environ.get("VLSEG_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "vlseg") / "onnx"
+    return cache_root() / "onnx"
 
 
 class _Export(nn.Module):

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ort
+from .sources import cache_root
 
 if TYPE_CHECKING:
     from .model import VLSegModel
@@ -536,8 +537,7 @@ class Calibration:
 
 def cache_dir() -> Path:
     """``$VLSEG_CACHE/precision`` or ``~/.cache/vlseg/precision``."""
-    root = os.environ.get("VLSEG_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "vlseg") / "precision"
+    return cache_root() / "precision"
 
 
 def model_fingerprint(model: VLSegModel) -> str:

@@ -54,6 +54,13 @@ class Source:
         return HUB_PREFIX + self.location + (f"@{self.revision}" if self.revision else "")
 
 
+def cache_root() -> Path:
+    """vlseg's own cache folder: ``$VLSEG_CACHE``, else ``~/.cache/vlseg`` (precision calibrations, ONNX exports,
+    files written for offline architectures)."""
+    root = os.environ.get("VLSEG_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "vlseg"
+
+
 def parse_source(text: str | os.PathLike[str], revision: str | None = None, bare_hub_ids: bool = True) -> Source:
     """Parse a source string (see the module docstring).
 

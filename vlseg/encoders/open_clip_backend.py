@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import EncoderConfig
 from ..features import CLIP_MEAN, CLIP_STD, ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFeatures
-from ..sources import SourceError, download_hint, parse_source, require_safetensors, resolve_folder
+from ..sources import SourceError, cache_root, download_hint, parse_source, require_safetensors, resolve_folder
 from . import ENCODERS
 from .base import EncoderPair, ImageEncoder, TextEncoder, check_options
 
@@ -156,7 +156,7 @@ def _build_offline(arch: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     from ..sources import offline_mirror
 
     key = hashlib.sha1(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:12]
-    folder = Path(os.environ.get("VLSEG_CACHE", Path.home() / ".cache" / "vlseg")) / "offline-arch" / key
+    folder = cache_root() / "offline-arch" / key
     if not (folder / "tokenizer.json").exists():
         vocab_dir = offline_mirror("sentence-transformers/all-MiniLM-L6-v2")
         if vocab_dir is None or not (vocab_dir / "vocab.txt").is_file():

@@ -46,7 +46,7 @@ from ..encoders.base import ImageEncoder, TextEncoder
 from ..features import BoxPrompts, ImageEncoderInfo, ImageFeatures, QueryOutputs, TextEncoderInfo, TextFeatures
 from ..model import VLSegModel
 from ..processing import ImageProcessor
-from ..sources import SourceError, download_hint, parse_source, require_safetensors, resolve_folder
+from ..sources import SourceError, cache_root, download_hint, parse_source, require_safetensors, resolve_folder
 from . import register_family
 from .base import Capabilities, Family
 
@@ -271,10 +271,6 @@ def _detect(sam: Any, vis: tuple[list[Tensor], list[Tensor]], text: Any, mask: T
 
 
 # ----------------------------------------------------------------------------- building
-def _cache_root() -> Path:
-    return Path(os.environ.get("VLSEG_CACHE", Path.home() / ".cache" / "vlseg"))
-
-
 def offline_clip_tokenizer() -> Any:
     """SAM 3's tokenizer (CLIP BPE, 32 tokens, pad = ``<|endoftext|>``) without the Hub: written once by
     ``vlseg.write_clip_tokenizer`` under ``$VLSEG_CACHE/offline-arch/clip-bpe``."""
@@ -282,7 +278,7 @@ def offline_clip_tokenizer() -> Any:
 
     from ..encoders.tokenizers import write_clip_tokenizer
 
-    folder = _cache_root() / "offline-arch" / "clip-bpe"
+    folder = cache_root() / "offline-arch" / "clip-bpe"
     if not (folder / "tokenizer_config.json").is_file():
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
         write_clip_tokenizer(tmp)
