@@ -190,3 +190,32 @@ def test_resume_equals_uninterrupted_with_canvases(shared_data, tmp_path):
     t = final["finish"]["presence_calibration"]["threshold"]
     assert vlseg.load(a / "best").config.presence_threshold == pytest.approx(t)
     assert final["finish"]["language_use"]["summary_line"].startswith("language use: ")
+
+
+def test_evaluate_in_a_precision_mode(mf, tmp_path, monkeypatch):
+    """`vlseg evaluate --precision`: fp32 by default (the model as trained), a named mode runs that variant, and
+    auto calibrates on the evaluated images with their class names (not on synthetic ones)."""
+    from vlseg import precision as P
+    from vlseg.data import from_manifest
+    from vlseg.evaluation import evaluate
+
+    tiny = vlseg.create_model("tiny-test", pretrained=False)
+    ds = from_manifest(mf)
+    kw = dict(max_samples=2, ablations=False, language_use=False, overlays=0, progress=False)
+    ref = evaluate(tiny, ds, tmp_path / "fp32", **kw)
+    assert ref["precision"] == "fp32"
+    q = evaluate(tiny, ds, tmp_path / "int8", precision="int8", **kw)
+    assert q["precision"] == "int8" and abs(q["all"]["dice"] - ref["all"]["dice"]) < 0.2
+    seen = {}
+
+    def spy(model, images=None, prompts=None, **k):
+        seen["images"], seen["prompts"] = images, prompts
+        return P.Calibration("fp32", {"fp32": 1.0}, {}, {"fp32": True}, {}, "cpu", "", "k")
+
+    monkeypatch.setattr(P, "calibrate", spy)
+    monkeypatch.setattr(P, "available_modes", lambda device="cpu", info=None: ["fp32", "int8"])
+    P._RESOLVED.pop(tiny, None)
+    evaluate(tiny, ds, tmp_path / "auto", precision="auto", **kw)
+    assert len(seen["images"]) == min(3, len(ds)) and np.array_equal(seen["images"][0], ds[0].image)
+    assert seen["prompts"] == [ds[i].class_name for i in range(min(3, len(ds)))]
+    P._RESOLVED.pop(tiny, None)

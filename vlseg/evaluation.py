@@ -109,7 +109,9 @@ def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = 
 
     out = Path(out)
     ds = dataset if isinstance(dataset, PooledDataset) else PooledDataset({"data": dataset})
-    model = with_precision(model, precision)
+    if precision != "fp32":  # auto calibrates on a few of the images evaluated, with their class names
+        first = [ds[i] for i in range(min(3, len(ds)))]
+        model = with_precision(model, precision, [x.image for x in first], [x.class_name for x in first])
     summary, rows = evaluate_dataset(model, ds, levels, max_samples, seed, ablations=ablations,
                                      keep_predictions=True, progress=progress)
     summary["levels"] = list(levels)

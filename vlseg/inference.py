@@ -281,7 +281,9 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if autocast:
         warnings.warn("segment(autocast=True) is deprecated: use precision='bf16' (converted weights, checked "
                       "against fp32) or precision='auto'", DeprecationWarning, stacklevel=2)
-    sample = [x for x in (list(image) if _is_batch(image) else [image]) if not is_volume_source(x)][:3]
+    sample = None  # auto calibrates on the first 2D images asked for (only read if it has to calibrate)
+    if precision != "fp32":
+        sample = [x for x in (list(image) if _is_batch(image) else [image]) if not is_volume_source(x)][:3]
     run = with_precision(model, precision, sample, prompts)
     if boxes is not None:
         if _is_batch(image) or is_volume_source(image):
