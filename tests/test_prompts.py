@@ -91,9 +91,27 @@ def test_instance_prompts_select_one_component():
         P.instance_mask(np.zeros((5, 5)), "largest")
 
 
-def test_empty_mask_negative_prompt_has_no_mask_facts():
-    t = P.generate(np.zeros((40, 40), bool), "polyp", "p6")
-    assert "polyp" in t and not re.search(r"\b(one|two|small|large|upper|lower|left|right|center)\b", t)
+def test_negative_prompts_read_like_positive_ones():
+    """A negative's form must not give it away: positives at p4+ always state size, at p5+ count, at p6+ location,
+    so negatives (empty target) state them too, imagined; only the class name tells which is which."""
+    size = r"\b(tiny|small|medium-sized|large)\b"
+    count = r"^(\w+ )?(one|two|three)\b|\b(one|two|three) "
+    where = r"\b(center|top|bottom|left|right)\b"
+    empty = np.zeros((40, 40), bool)
+    for level in ("p4", "p5", "p6", "p7", "p8", "p9"):
+        for seed in [None, *range(30)]:
+            t = P.generate(empty, "polyp", level, seed=seed)
+            assert re.search(size, t), (level, seed, t)
+            if level >= "p5":
+                assert re.search(count, t), (level, seed, t)
+            if level >= "p6":
+                assert re.search(where, t), (level, seed, t)
+    # canonical negatives (evaluation) use the class's typical size from the prompt library
+    assert P.generate(empty, "breast tumor", "p6") == "one small round dark breast tumor in the center"
+    # below p4 nothing is computed from the mask, so a negative is the same prompt as a positive
+    m = np.zeros((40, 40), bool)
+    m[5:15, 5:15] = True
+    assert P.generate(empty, "polyp", "p3", seed=4) == P.generate(m, "polyp", "p3", seed=4)
 
 
 def test_flip_updates_position_words_but_not_anatomy():

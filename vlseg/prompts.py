@@ -240,11 +240,33 @@ def pluralize(name: str) -> str:
     return name + "s"
 
 
+_REGIONS = tuple(region_phrase(v, h) for v in ("upper", "middle", "lower") for h in ("left", "center", "right"))
+
+
+def _imagined_facts(info: ClassInfo, rng: random.Random | None) -> tuple[int, str, str]:
+    """(count, size word, location) for a prompt about an absent target.
+
+    A prompt about a class that is not in the image cannot be computed from its (empty) mask, but it must not be
+    recognisable by its form either: a model trained on negatives that lack the count, size and location words
+    positives always have learns "no location -> empty" instead of reading the class name. Canonical (``rng`` None):
+    one target of the class's typical size (``typical_size`` in the prompt library, else "small") in the center;
+    drawn: 1-3 targets, any size but "very large", one or two regions.
+    """
+    if rng is None:
+        typical = next((w for w in ("tiny", "small", "medium", "large") if w in info.typical_size.lower()), "small")
+        return 1, {"medium": "medium-sized"}.get(typical, typical), "in the center"
+    count = rng.choices((1, 2, 3), weights=(0.75, 0.15, 0.10))[0]
+    size_word = rng.choice([w for _, w in SIZE_WORDS[:-1]])
+    regions = rng.sample(_REGIONS, 2 if count > 1 and rng.random() < 0.5 else 1)
+    return count, size_word, " and ".join(regions)
+
+
 def generate(mask: Any, class_name: str, level: str, seed: int | None = None) -> str:
     """A prompt about ``class_name`` that is true of ``mask``.
 
     Args:
-        mask: (H, W) binary mask of the target (empty for a negative prompt: computed facts are then omitted).
+        mask: (H, W) binary mask of the target. Empty for a negative prompt: size, count and location are then
+            imagined (``_imagined_facts``) so that negatives and positives read alike.
         class_name: a library class (or synonym); unknown classes get name-only prompts.
         level: ``"p0"``..``"p9"``, or an instance query (``"largest"``, ``"leftmost"``, ...).
         seed: ``None`` for the canonical prompt (first template, synonym and attribute: use for evaluation);
@@ -263,22 +285,25 @@ def generate(mask: Any, class_name: str, level: str, seed: int | None = None) ->
     rng = None if seed is None else random.Random(seed)
     facts = describe(mask)
     name = _pick(rng, info.names, info.name)
+    if facts.count:
+        count, size_word, location = facts.count, facts.size_word, facts.location
+    else:  # a negative: state facts as a positive prompt would, so the prompt's form does not give the answer
+        count, size_word, location = _imagined_facts(info, None if seed is None else random.Random(f"absent:{seed}"))
     # English adjective order: number, quality (texture), size, shape, colour, noun.
     words: list[str] = []
-    count = facts.count
     if n >= 5 and count:
         words.append(_NUMBERS.get(count, "many"))
         name = name if count == 1 else pluralize(name)
     if n >= 7:
         words.append(_pick(rng, info.texture))
-    if n >= 4 and facts.size_word:
-        words.append(facts.size_word)
+    if n >= 4 and size_word:
+        words.append(size_word)
     if n >= 2:
         words.append(_pick(rng, info.shape))
     if n >= 3:
         words.append(_pick(rng, info.colour))
     phrase = " ".join(w for w in words + [name] if w)
-    where = facts.location if (n >= 6 and facts.location) else ""
+    where = location if (n >= 6 and location) else ""
     template = _pick(rng, templates(level))
     text = template.format(phrase=phrase, where=where, modality=info.modality,
                            definition=info.definition or info.name)
