@@ -35,3 +35,29 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert data["memory"] and all(m.get("peak_mb", 0) > m.get("baseline_mb", 0) > 0 for m in data["memory"])
     assert {t["target"] for t in data["targets"]} >= {"one prompt vs transformers fp32"}
     assert "| k_prompts_4 |" in r.stdout and "| target |" in r.stdout
+
+
+def test_folder_target_is_judged_only_on_a_100_image_folder():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def result(images, ratio):
+        return {"auto": {"chosen": "fp32"}, "cases": [
+            {"name": f"folder_{images}_images_2_prompts_cli", "ratio": ratio, "images": images},
+            {"name": f"folder_{images}_images_2_prompts_cli_first_use", "ratio": 0.1, "images": images}]}
+
+    def folder_target(res):
+        return next(t for t in bench.targets(res) if t["target"].startswith("folder"))
+
+    assert folder_target(result(100, 3.5))["met"] is True
+    assert folder_target(result(100, 2.0))["met"] is False
+    quick = folder_target(result(2, 1.1))
+    assert quick["met"] is None and "100 images" in quick["what"]
+    assert "n/a" in bench.table({"env": {"date": "d", "device": "cpu", "machine": "m", "transformers": "t",
+                                        "image_size": "s", "available_modes": ["fp32"]},
+                                "auto": {"chosen": "fp32", "seconds": {}, "passed": {}},
+                                "floor": {"matmul_gflops": {}, "encoder_gflop": 1.0, "matmul_shape": "s"},
+                                "cases": [], "targets": [quick]})

@@ -284,3 +284,63 @@ def test_auto_calibrates_on_the_images_it_is_asked_to_segment(tiny, monkeypatch)
     vlseg.predict(tiny, imgs[4], ["skin lesion"], precision="auto")
     assert seen["images"][0] is imgs[4] and seen["prompts"] == ["skin lesion"]
     P._RESOLVED.pop(tiny, None)
+
+
+def _with_flags(monkeypatch, flags):
+    import dataclasses
+
+    real = P.machine_info
+    monkeypatch.setattr(P, "machine_info", lambda device=None: dataclasses.replace(real(device),
+                                                                                   flags=frozenset(flags)))
+
+
+def _attn_impls(module):
+    return {c._attn_implementation for m in module.modules()
+            if (c := getattr(m, "config", None)) is not None and hasattr(c, "_attn_implementation")}
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8"])
+def test_bf16_attention_only_in_copies_and_only_where_bf16_is_native(mode, clipseg, monkeypatch):
+    ref = _probs(clipseg)
+    fp32_impls = _attn_impls(clipseg.image_encoder)
+    P.drop_variants(clipseg)
+    _with_flags(monkeypatch, {"avx2", "avx512f", "avx512_bf16"})
+    v = P.variant(clipseg, mode)
+    assert _attn_impls(v.image_encoder) == {P.BF16_ATTENTION}
+    assert any(isinstance(m, P._QuickGELU) for m in v.image_encoder.modules())
+    # the fp32 model (and the text encoder copy, whose attention is masked) keep theirs
+    assert _attn_impls(clipseg.image_encoder) == fp32_impls != {P.BF16_ATTENTION}
+    assert P.BF16_ATTENTION not in _attn_impls(v.text_encoder)
+    assert not any(isinstance(m, P._QuickGELU) for m in clipseg.modules())
+    probs = _probs(v)
+    assert np.abs(probs - ref).mean() < 0.01
+    assert P.fidelity(clipseg, mode, IMAGES, PROMPTS).mean_iou >= 0.95
+    # without native bf16 (AVX2 only) the copy keeps transformers' attention
+    P.drop_variants(clipseg)
+    _with_flags(monkeypatch, {"avx2", "fma"})
+    assert _attn_impls(P.variant(clipseg, mode).image_encoder) == fp32_impls
+    P.drop_variants(clipseg)
+
+
+def test_bf16_attention_function_matches_sdpa_and_falls_back_when_masked():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 50, 16, generator=g) for _ in range(3))
+    module = torch.nn.Module().eval()
+    module.is_causal = False
+    expected, _ = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)
+    out, weights = P._bf16_attention(module, q, k, v, None, scaling=0.25)
+    assert out.shape == expected.shape == (2, 50, 4, 16) and out.dtype == torch.float32 and weights is None
+    assert 0 < (out - expected).abs().max() < 0.05  # bf16 rounding, not another function
+    mask = torch.zeros(2, 1, 50, 50)
+    mask[..., 40:] = float("-inf")
+    out, _ = P._bf16_attention(module, q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+
+
+def test_quick_gelu_replacement_is_exact():
+    from transformers.activations import QuickGELUActivation
+
+    x = torch.randn(3, 7, 64) * 4
+    torch.testing.assert_close(P._QuickGELU()(x), QuickGELUActivation()(x), rtol=0, atol=0)
