@@ -74,7 +74,9 @@ RELEVANT_FLAGS = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnn
 #: a mode must be this much faster than fp32 (median ratio) for ``auto`` to pick it over fp32: below that the
 #: difference is timing noise and fp32 is exact
 MIN_SPEEDUP = 1.05
-CACHE_FORMAT = 1
+#: bump when what a mode computes changes (2: bf16 attention in bf16/int8 where bf16 is native), so calibrations
+#: cached by an older vlseg are measured again instead of trusted
+CACHE_FORMAT = 2
 
 
 # ----------------------------------------------------------------------------- the machine
