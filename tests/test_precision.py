@@ -337,6 +337,8 @@ def test_bf16_attention_function_matches_sdpa_and_falls_back_when_masked():
     mask[..., 40:] = float("-inf")
     out, _ = P._bf16_attention(module, q, k, v, mask, scaling=0.25)
     torch.testing.assert_close(out, sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)[0])
+    causal, _ = P._bf16_attention(module, q, k, v, None, scaling=0.25, is_causal=True)
+    torch.testing.assert_close(causal, sdpa_attention_forward(module, q, k, v, None, scaling=0.25, is_causal=True)[0])
 
 
 def test_quick_gelu_replacement_is_exact():

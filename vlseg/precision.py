@@ -289,7 +289,9 @@ def _bf16_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
         ((B, N, H, D) fp32 attention output, None), as transformers' attention functions return. Masked or causal
         attention (text towers), and training, fall back to transformers' fp32 SDPA.
     """
-    if attention_mask is not None or getattr(module, "is_causal", False) or module.training:
+    causal = kwargs.get("is_causal")
+    if attention_mask is not None or (causal if causal is not None else getattr(module, "is_causal", False)) \
+            or module.training:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
