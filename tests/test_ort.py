@@ -112,3 +112,18 @@ def test_without_onnxruntime_the_modes_are_not_offered(tiny, monkeypatch):
 
 def test_onnx_modes_are_cpu_only():
     assert not {"onnx", "onnx-int8"} & set(P.runnable_modes("cuda"))
+
+
+def test_a_failed_export_says_why_and_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
+    """A full disk shows up as a protobuf decode error deep inside onnxruntime's quantiser: the error names the
+    export, the cause and the free space, and no partial file is cached."""
+    import onnxruntime.quantization as q
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(q, "quantize_dynamic", full_disk)
+    target = tmp_path / "enc-int8.onnx"
+    with pytest.raises(RuntimeError, match=r"ONNX int8 export .*No space left on device.*Free space: [0-9.]+ GiB"):
+        ort.export_encoder(tiny.image_encoder, tiny.decoder.layers, (64, 64), target, int8=True)
+    assert list(tmp_path.iterdir()) == []

@@ -118,6 +118,16 @@ def export_encoder(encoder: nn.Module, layers: Sequence[int], size: tuple[int, i
             finally:
                 root.removeFilter(advice)
         os.replace(tmp, path)
+    except Exception as e:  # a full disk surfaces as a protobuf decode error deep inside onnxruntime: say what to check
+        import shutil
+
+        where = path.parent if path.parent.exists() else Path.cwd()
+        free, temp_free = shutil.disk_usage(where).free / 2**30, shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+        raise RuntimeError(
+            f"ONNX{' int8' if int8 else ''} export of the image encoder to {path} failed ({type(e).__name__}: {e}). "
+            f"Free space: {free:.1f} GiB in {where}, {temp_free:.1f} GiB in {tempfile.gettempdir()} (a ViT-B/16 "
+            f"export needs about 1-2 GB while it is written). Nothing was cached; precision 'fp32' or 'int8' do not "
+            f"need the export.") from e
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for p in {tmp, fp32}:
