@@ -87,3 +87,20 @@ def with_strong_lora(model, r: int = 4):
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     return model
+
+
+def spy_on_auto_calibration(monkeypatch, model) -> dict:
+    """Make ``precision='auto'`` on ``model`` calibrate through a spy (int8 offered, fp32 chosen) and return the dict
+    it fills with the ``images`` and ``prompts`` it was handed."""
+    from vlseg import precision as P
+
+    seen: dict = {}
+
+    def spy(model, images=None, prompts=None, **kw):
+        seen["images"], seen["prompts"] = images, prompts
+        return P.Calibration("fp32", {"fp32": 1.0}, {}, {"fp32": True}, {}, "cpu", "", "k")
+
+    monkeypatch.setattr(P, "calibrate", spy)
+    monkeypatch.setattr(P, "available_modes", lambda device="cpu", info=None: ["fp32", "int8"])
+    P._RESOLVED.pop(model, None)
+    return seen

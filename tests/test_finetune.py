@@ -195,6 +195,7 @@ def test_resume_equals_uninterrupted_with_canvases(shared_data, tmp_path):
 def test_evaluate_in_a_precision_mode(mf, tmp_path, monkeypatch):
     """`vlseg evaluate --precision`: fp32 by default (the model as trained), a named mode runs that variant, and
     auto calibrates on the evaluated images with their class names (not on synthetic ones)."""
+    from helpers import spy_on_auto_calibration
     from vlseg import precision as P
     from vlseg.data import from_manifest
     from vlseg.evaluation import evaluate
@@ -206,15 +207,7 @@ def test_evaluate_in_a_precision_mode(mf, tmp_path, monkeypatch):
     assert ref["precision"] == "fp32"
     q = evaluate(tiny, ds, tmp_path / "int8", precision="int8", **kw)
     assert q["precision"] == "int8" and abs(q["all"]["dice"] - ref["all"]["dice"]) < 0.2
-    seen = {}
-
-    def spy(model, images=None, prompts=None, **k):
-        seen["images"], seen["prompts"] = images, prompts
-        return P.Calibration("fp32", {"fp32": 1.0}, {}, {"fp32": True}, {}, "cpu", "", "k")
-
-    monkeypatch.setattr(P, "calibrate", spy)
-    monkeypatch.setattr(P, "available_modes", lambda device="cpu", info=None: ["fp32", "int8"])
-    P._RESOLVED.pop(tiny, None)
+    seen = spy_on_auto_calibration(monkeypatch, tiny)
     evaluate(tiny, ds, tmp_path / "auto", precision="auto", **kw)
     assert len(seen["images"]) == min(3, len(ds)) and np.array_equal(seen["images"][0], ds[0].image)
     assert seen["prompts"] == [ds[i].class_name for i in range(min(3, len(ds)))]

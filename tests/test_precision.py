@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlseg
-from helpers import with_strong_lora
+from helpers import spy_on_auto_calibration, with_strong_lora
 from vlseg import precision as P
 
 IMAGES = P.sample_images(n=2, size=64)
@@ -268,15 +268,7 @@ def test_a_sample_without_masks_proves_nothing(tiny, tmp_path, monkeypatch):
 
 
 def test_auto_calibrates_on_the_images_it_is_asked_to_segment(tiny, monkeypatch):
-    seen = {}
-
-    def spy(model, images=None, prompts=None, **kw):
-        seen["images"], seen["prompts"] = images, prompts
-        return P.Calibration("fp32", {"fp32": 1.0}, {}, {"fp32": True}, {}, "cpu", "", "k")
-
-    monkeypatch.setattr(P, "calibrate", spy)
-    monkeypatch.setattr(P, "available_modes", lambda device="cpu", info=None: ["fp32", "int8"])
-    P._RESOLVED.pop(tiny, None)
+    seen = spy_on_auto_calibration(monkeypatch, tiny)
     imgs = [np.full((40, 50, 3), i * 60, np.uint8) for i in range(5)]
     vlseg.segment(tiny, imgs, ["polyp", "liver"], precision="auto")
     assert len(seen["images"]) == 3 and seen["images"][1] is imgs[1] and seen["prompts"] == ["polyp", "liver"]
