@@ -103,9 +103,8 @@ def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = 
     from PIL import Image
 
     from .data import PooledDataset
-    from .visualize import error_overlay
-
     from .inference import with_precision
+    from .visualize import error_overlay
 
     out = Path(out)
     ds = dataset if isinstance(dataset, PooledDataset) else PooledDataset({"data": dataset})
