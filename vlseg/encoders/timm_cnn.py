@@ -1,0 +1,123 @@
+"""A timm CNN (ResNet family and any model timm can build with ``features_only``) as the image trunk.
+
+Each stage of the CNN is one "layer": its feature map is resampled to the stride-``patch_size`` grid (average
+pooling from finer stages, bilinear from coarser ones) and projected to ``width`` channels by a 1x1 convolution, so
+decoders read the same token contract as from a ViT: layer ``i`` -> (B, N, width) with N = (H / p) * (W / p).
+A CNN keeps locality (an inductive bias a small ViT trained from scratch lacks) at a similar CPU cost.
+
+    {"type": "timm-cnn", "pretrained": false, "options": {"model": "resnet18", "width": 192}}   # from scratch
+    {"type": "timm-cnn", "name": "resnet18", "pretrained": true}                               # timm's weights
+
+With ``name``, ``pretrained`` is: ``True`` timm's own weights for it from the Hub; a path: a ``.safetensors`` state
+dict (or a folder holding ``model.safetensors``) of that timm model; ``False`` random weights. Without ``name`` (the
+model in ``options``) the trunk always starts from random weights and trains with the decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..config import EncoderConfig
+from ..features import IMAGENET_MEAN, IMAGENET_STD, ImageEncoderInfo, ImageFeatures
+from ..sources import SourceError, download_hint
+from . import ENCODERS
+from .base import EncoderPair, ImageEncoder, check_options
+
+_HEAD_PREFIXES = ("fc.", "head.", "classifier.", "global_pool.")
+
+
+def _load_file(model: nn.Module, path: str) -> None:
+    """Load a safetensors state dict of the full timm model into its ``features_only`` wrapper (the classifier
+    head's weights are dropped; any other missing or extra weight is an error naming them)."""
+    from safetensors.torch import load_file
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "model.safetensors"
+    if not p.is_file() or p.suffix != ".safetensors":
+        raise SourceError(f"timm-cnn weights must be a .safetensors file or a folder holding model.safetensors; "
+                          f"got {path!r} (vlseg never unpickles .pth/.bin files)")
+    state = {k: v for k, v in load_file(str(p)).items() if not k.startswith(_HEAD_PREFIXES)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise SourceError(f"{p} does not hold this timm model's weights: {str(e).splitlines()[1].strip()}") from e
+    if missing or unexpected:
+        raise SourceError(f"{p} does not hold this timm model's weights: missing {sorted(missing)[:5]}"
+                          f"{'...' if len(missing) > 5 else ''}, unexpected {sorted(unexpected)[:5]}"
+                          f"{'...' if len(unexpected) > 5 else ''}")
+
+
+class TimmCNNImageEncoder(ImageEncoder):
+    """timm CNN stages -> per-stage tokens on one grid (no prefix tokens).
+
+    Args:
+        model: a timm model name (``resnet18``, ``resnet10t``, ``convnext_atto``, ...).
+        width: C, the token width every stage is projected to.
+        patch_size: p, the grid's stride in pixels (16: the stride of a ViT-B/16's tokens).
+        image_size: native input side.
+        pretrained: see the module docstring.
+    """
+
+    def __init__(self, *, model: str = "resnet18", width: int = 192, patch_size: int = 16, image_size: int = 224,
+                 pretrained: bool | str = False):
+        super().__init__()
+        import timm
+
+        try:
+            self.backbone = timm.create_model(model, pretrained=pretrained is True, features_only=True)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ValueError(f"timm has no model {model!r} (see timm.list_models())") from e
+            raise download_hint(model, e) from e
+        except Exception as e:  # offline hub, missing weights: one readable error with the way out
+            if pretrained is True:
+                raise download_hint(model, e) from e
+            raise
+        if isinstance(pretrained, str):
+            _load_file(self.backbone, pretrained)
+        chans = self.backbone.feature_info.channels()
+        self.proj = nn.ModuleList(nn.Conv2d(c, width, 1) for c in chans)
+        self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in chans)  # per token: no statistics across the image
+        self.info = ImageEncoderInfo(
+            width=width, num_layers=len(chans), patch_size=patch_size, image_size=image_size, embed_dim=width,
+            num_prefix_tokens=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=2,
+            lora_targets=("conv1", "conv2"), default_layers=tuple(range(1, len(chans))),
+        )
+
+    def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
+        """(B, 3, H, W) -> ImageFeatures with one (B, (H/p) * (W/p), width) tensor per requested stage."""
+        h, w = pixel_values.shape[-2], pixel_values.shape[-1]
+        grid = (h // self.info.patch_size, w // self.info.patch_size)
+        n = len(self.proj)
+        layers = [i % n for i in layers]
+        feats = self.backbone(pixel_values)
+        tokens = []
+        for i in layers:
+            f = feats[i]
+            if f.shape[-2] > grid[0]:
+                f = nn.functional.adaptive_avg_pool2d(f, grid)
+            elif f.shape[-2:] != grid:
+                f = nn.functional.interpolate(f, size=grid, mode="bilinear", align_corners=False)
+            tokens.append(self.norm[i](self.proj[i](f).flatten(2).transpose(1, 2)))
+        pooled_t = self.norm[n - 1](self.proj[n - 1](feats[-1]).mean((2, 3))) if pooled else None
+        return ImageFeatures(tokens=tokens, grid=grid, num_prefix_tokens=0, pooled=pooled_t, image_size=(h, w))
+
+
+@ENCODERS.register("timm-cnn")
+def build_timm_cnn(cfg: EncoderConfig, load_weights: bool = True) -> EncoderPair:
+    check_options(cfg, {"model", "width", "patch_size", "image_size"})
+    opts = dict(cfg.options)
+    model = opts.pop("model", None) or cfg.name
+    if not model:
+        raise ValueError("timm-cnn encoder needs a timm model name ('name', or options 'model' for a trunk built "
+                         "from scratch), such as 'resnet18'")
+    pretrained = cfg.pretrained if load_weights and cfg.name else False  # unnamed: an architecture, never weights
+    return EncoderPair(image=TimmCNNImageEncoder(model=model, pretrained=pretrained, **opts))
+
+
+__all__ = ["TimmCNNImageEncoder", "build_timm_cnn"]
