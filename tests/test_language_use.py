@@ -34,6 +34,20 @@ def test_prompt_ignoring_model_is_caught():
     assert line.startswith("language use: ") and "\n" not in line and "FAIL" in line and "n/a" in line
 
 
+def test_canvas_examples_show_the_leak():
+    """The pictures the evaluation saves: a prompt-ignoring model's mask covers both tiles' objects, the target only
+    the prompted one; each example's leak is the report row's."""
+    ds = make_dataset(2, single_only=True)
+    r = lu.language_use_report(ignores_prompt, ds, n_canvases=4, canvas_size=64, keep_rows=True, canvas_examples=3)
+    ex = r["canvas_examples"]
+    assert len(ex) == 3 and "canvas_examples" not in lu.language_use_report(ignores_prompt, ds, n_canvases=4,
+                                                                            canvas_size=64)
+    for e, row in zip(ex, r["rows"]["composite"]):
+        assert e["image"].shape == (64, 64, 3) and e["target"].shape == e["pred"].shape == (64, 64)
+        assert e["target"].sum() == 144 and e["pred"].sum() == 288 and (e["pred"] & e["target"]).sum() == 144
+        assert e["leak"] == pytest.approx(0.5) == row["leak"] and e["class"] == row["class"]
+
+
 def test_oracle_passes_every_check():
     ds = make_dataset(2)
     r = lu.language_use_report(oracle, ds, n_canvases=6, canvas_size=96)
@@ -114,6 +128,19 @@ def test_report_and_calibration_on_a_tiny_model():
     assert 0.0 <= cal["threshold"] <= 1.0 and cal["n_positive"] > 0 and cal["n_negative"] > 0
     assert len(cal["curve"]["threshold"]) == len(cal["curve"]["tpr"]) == len(cal["curve"]["tnr"])
     assert isinstance(lu.calibrate_presence(model, ds, max_images=2), float)
+
+
+def test_evaluate_saves_canvas_pictures(tmp_path):
+    """vlseg evaluate's overlays include composite canvases (the leak is a picture, not only a number)."""
+    from PIL import Image
+
+    from vlseg.evaluation import evaluate
+
+    model = vlseg.create_model("tiny-test", pretrained=False)
+    evaluate(model, make_dataset(1), tmp_path, max_samples=4, ablations=False, overlays=2, progress=False)
+    pics = sorted((tmp_path / "overlays").glob("canvas_*.png"))
+    assert len(pics) == 2 and all(("_leak" in p.name) or p.name.endswith("_empty.png") for p in pics)
+    assert Image.open(pics[0]).size == (512, 512)
 
 
 def test_predict_fn_batches_prompts_and_allows_the_empty_prompt():

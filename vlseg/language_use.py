@@ -311,12 +311,16 @@ def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_promp
 
 
 def _canvas_rows(fn: PredictFn, dataset: Any, groups: Sequence[ImageGroup], seed: int, n_canvases: int,
-                 tiles: tuple[int, int], size: int, progress: bool) -> tuple[list[dict[str, Any]], str | None]:
+                 tiles: tuple[int, int], size: int, progress: bool, n_examples: int = 0
+                 ) -> tuple[list[dict[str, Any]], str | None, list[dict[str, Any]]]:
+    """Score each prompted class of ``n_canvases`` canvases -> (rows, note, examples): ``examples`` holds the
+    first ``n_examples`` (canvas, class) pairs with the canvas image, the class's target and the predicted mask."""
     try:
         sampler = CompositeSampler(dataset, seed=seed, tiles=tiles, size=size, groups=groups)
     except ValueError as e:
-        return [], str(e)
-    rows = []
+        return [], str(e), []
+    rows: list[dict[str, Any]] = []
+    examples: list[dict[str, Any]] = []
     for i in _progress(range(n_canvases), progress, "language use: canvases"):
         cv = sampler.canvas(i, place=False)
         shown = [c for c, t in cv.targets.items() if t.any()]
@@ -326,11 +330,14 @@ def _canvas_rows(fn: PredictFn, dataset: Any, groups: Sequence[ImageGroup], seed
         for c in shown:
             pred = out[text[c]].mask
             area = int(pred.sum())
+            if len(examples) < n_examples:
+                examples.append({"canvas": i, "class": c, "image": cv.image, "target": cv.targets[c], "pred": pred,
+                                 "leak": float((pred & cv.other_tiles_mask(c)).sum() / area) if area else None})
             rows.append({"canvas": i, "class": c, "datasets": [t.dataset for t in cv.tiles], "tiles": len(cv.tiles),
                          "dice_class": dice(pred, cv.targets[c]), "dice_empty": dice(empty, cv.targets[c]),
                          "leak": float((pred & cv.other_tiles_mask(c)).sum() / area) if area else None,
                          "pred_empty": area == 0})
-    return rows, None
+    return rows, None, examples
 
 
 def _mean(xs: Iterable[float | None]) -> float | None:
@@ -420,7 +427,8 @@ CHECKS = ("wrong_class", "presence", "composite", "own_other", "levels")
 def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int | None = 200,
                         n_canvases: int | None = None, canvas_tiles: tuple[int, int] = (2, 2),
                         canvas_size: int = 512, levels: bool = True, progress: bool = False,
-                        predict_kwargs: Mapping[str, Any] | None = None, keep_rows: bool = False) -> dict[str, Any]:
+                        predict_kwargs: Mapping[str, Any] | None = None, keep_rows: bool = False,
+                        canvas_examples: int = 0) -> dict[str, Any]:
     """All language-use checks on a dataset, as a JSON-serialisable dict (``metrics.json["language_use"]``).
 
     Args:
@@ -435,6 +443,9 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         progress: show progress bars.
         predict_kwargs: passed to ``vlseg.predict`` / ``segment`` (e.g. ``presence_threshold``).
         keep_rows: also return the per-prompt rows under ``"rows"``.
+        canvas_examples: also return that many scored (canvas, class) pairs under ``"canvas_examples"``: dicts with
+            ``image`` (S, S, 3) uint8, ``target`` and ``pred`` (S, S) bool, ``class``, ``canvas``, ``leak`` (for
+            pictures; not JSON).
     Returns:
         {"wrong_class", "presence", "composite", "own_other", "levels", "class_vs_empty", "n_images",
         "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
@@ -445,7 +456,8 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
     items = list(_items(dataset, groups, seed, False))
     rows, head = _image_rows(fn, _progress(items, progress, "language use: images"), levels, True)
     n_canvases = min(64, max(1, len(items) // 2)) if n_canvases is None else n_canvases
-    canvas, note = _canvas_rows(fn, dataset, groups, seed, n_canvases, canvas_tiles, canvas_size, progress)
+    canvas, note, examples = _canvas_rows(fn, dataset, groups, seed, n_canvases, canvas_tiles, canvas_size, progress,
+                                          canvas_examples)
     report = _summaries(rows, canvas, note, head)
     passes = [report[k]["pass"] for k in CHECKS if report[k]["pass"] is not None]
     per_ds: dict[str, int] = {}
@@ -455,7 +467,10 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
                   n_pass=sum(passes), n_checks=len(passes), **{"pass": bool(passes) and all(passes)})
     if keep_rows:
         report["rows"] = {**rows, "composite": canvas}
-    return _clean(report)
+    report = _clean(report)
+    if canvas_examples:
+        report["canvas_examples"] = examples
+    return report
 
 
 def _pct(x: float | None) -> str:
