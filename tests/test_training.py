@@ -94,6 +94,32 @@ def test_batches_are_deterministic_and_use_language(shared_data):
     assert a(1, "cpu").inputs["prompts"] != a(2, "cpu").inputs["prompts"]
 
 
+def test_own_absent_class_is_a_hard_negative():
+    """A normal image (its class annotated absent, as BUSI's tumour-free scans) is asked for that class at the
+    hard-negative rate (0.5 of its prompts here), not as one of many random classes (~1/7 here): the presence head
+    must learn absence where it is hardest to tell."""
+    from synthetic_data import ArrayDataset, rows_for, square
+
+    rows = []
+    for i in range(3):
+        rows += rows_for("busi", f"b{i}", 32, 32, {"breast tumor": square(32, 32, 8, 8, 10)})
+    rows += rows_for("busi", "normal", 32, 32, {"breast tumor": np.zeros((32, 32), bool)})
+    for j, c in enumerate(("polyp", "skin lesion", "mitochondria", "cell membranes", "grasper", "hook", "liver")):
+        rows += rows_for(f"d{j}", f"x{j}", 32, 32, {c: square(32, 32, 4, 4, 8)})
+    cfg = T.load_config(None, ["data=[{manifest: unused.jsonl}]", "batch_size=8", "prompts_per_image=3", "negative_rate=0.3",
+                               "hard_negative_rate=0.5", "composite_rate=0", "augment=null", "prompt_levels=[p1]"])
+    proc = vlseg.create_model("tiny-test", pretrained=False).processor
+    ds = vlseg.data.PooledDataset({"all": ArrayDataset(rows)})
+    batcher = T.get_task("segmentation").batcher(type("M", (), {"processor": proc})(), ds, cfg, 0, 1)
+    asked = []
+    for step in range(60):
+        b = batcher(step, "cpu")
+        for key, prompts in zip(b.keys, b.inputs["prompts"]):
+            if "normal" in key:
+                asked += ["breast" in p for p in prompts]  # breast tumo(u)r, mass, lesion: its synonyms
+    assert len(asked) > 60 and 0.35 < np.mean(asked) < 0.7
+
+
 def test_mixed_precision_auto_is_measured(monkeypatch):
     from vlseg.training import precision as P
 

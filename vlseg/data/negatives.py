@@ -74,13 +74,14 @@ def is_valid_negative(candidate: str, present: Iterable[str], absent: Iterable[s
 
 def negative_candidates(pool: Iterable[str], present: Iterable[str], absent: Iterable[str] = (),
                         context: Iterable[str] = (), hard_first: bool = True) -> list[str]:
-    """The classes of ``pool`` that are valid negatives for an image, hard negatives of its present classes first
+    """The classes of ``pool`` that are valid negatives for an image, hard ones (``hard_subset``) first
     (each part in ``pool`` order, duplicates and synonyms of one class dropped).
 
     Args:
         pool: candidate class names (e.g. every class of a pooled training set).
         present, absent, context: as in ``is_valid_negative``.
-        hard_first: put the look-alikes of the present classes (``vlseg.prompts.hard_negatives``) first.
+        hard_first: put ``hard_subset`` first: the look-alikes of the present classes (``vlseg.prompts.hard_negatives``)
+            and the classes annotated absent on the image.
     Returns:
         Candidate names as given in ``pool``.
     """
@@ -94,13 +95,15 @@ def negative_candidates(pool: Iterable[str], present: Iterable[str], absent: Ite
             valid.append(c)
     if not hard_first:
         return valid
-    hard = {_key(h) for p in present for h in class_relations(p).hard_negatives}
+    hard = {_key(c) for c in hard_subset(valid, present, absent)}
     return [c for c in valid if _key(c) in hard] + [c for c in valid if _key(c) not in hard]
 
 
-def hard_subset(candidates: Iterable[str], present: Iterable[str]) -> list[str]:
-    """The candidates that are look-alikes (hard negatives) of at least one present class."""
-    hard = {_key(h) for p in present for h in class_relations(p).hard_negatives}
+def hard_subset(candidates: Iterable[str], present: Iterable[str], absent: Iterable[str] = ()) -> list[str]:
+    """The candidates that are look-alikes (hard negatives) of at least one present class, or that the image's own
+    annotation marks absent (the hardest negatives there are: "breast tumor" on a normal breast ultrasound is
+    asked of exactly the images that look most like it; drawn among ~20 other classes it would hardly ever be)."""
+    hard = {_key(h) for p in present for h in class_relations(p).hard_negatives} | {_key(a) for a in absent}
     return [c for c in candidates if _key(c) in hard]
 
 

@@ -26,8 +26,9 @@ class SegmentationBatcher:
     Each batch item is one image (all its annotated classes, ``vlseg.data.load_group``) or, at
     ``cfg.composite_rate``, a composite canvas of images from different datasets; it gets ``cfg.prompts_per_image``
     prompts: its present classes (each with its own mask as target, at a random prompt level) and, at
-    ``cfg.negative_rate`` per slot, classes known to be absent (``vlseg.data.negatives``; look-alikes at
-    ``cfg.hard_negative_rate``) with empty targets. Items without a present class get only negatives.
+    ``cfg.negative_rate`` per slot, classes known to be absent (``vlseg.data.negatives``; at ``cfg.hard_negative_rate``
+    the hard ones: look-alikes of the present classes and the classes the image is annotated without) with empty
+    targets. Items without a present class get only negatives.
     """
 
     def __init__(self, ds: Any, cfg: TrainConfig, processor: Any, rank: int, world: int):
@@ -97,6 +98,7 @@ class SegmentationBatcher:
                 image, masks = canvas.image, dict(canvas.targets)
                 negatives = self.canvases.negatives(canvas)
                 present = [c for t in canvas.tiles for c in t.classes]
+                absent = [c for t in canvas.tiles for c in t.annotated if c not in t.classes]
                 key = None  # never repeats: not cached
             else:
                 g = self.group_of[int(rng.choice(len(self.ds), p=self.p))]
@@ -113,7 +115,7 @@ class SegmentationBatcher:
                     masks.update(shown)
                 negatives = negative_candidates(self.pool, present, absent, self.context.get(g.dataset, ()))
                 key = f"{g.key}|{flips}"
-            hard = hard_subset(negatives, present)
+            hard = hard_subset(negatives, present, absent)
             texts, tg = self._prompts(rng, masks, negatives, hard)
             images.append(image)
             prompts.append(texts)
