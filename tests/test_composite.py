@@ -168,6 +168,28 @@ def test_sampler_negatives_are_absent_classes():
         assert flags == sorted(flags, reverse=True)  # look-alikes first
 
 
+def test_hard_canvases_pair_look_alikes():
+    """At hard_rate 1 a polyp tile's partner is the skin-lesion set (a look-alike) whenever the draw allows; at 0 the
+    partner is uniform over compatible sets, and its canvases are those of a sampler without the option."""
+    ds = make_dataset(2)
+    plain, zero = CompositeSampler(ds, seed=3, tiles=(2, 2)), CompositeSampler(ds, seed=3, tiles=(2, 2), hard_rate=0.0)
+    hard = CompositeSampler(ds, seed=3, tiles=(2, 2), hard_rate=1.0)
+    assert hard.look_alikes["polyps"] == {"skins"} and hard.look_alikes["em"] == set()
+    partners: dict[str, list[str]] = {"plain": [], "hard": []}
+    for step in range(80):
+        assert [g.key for g in plain.pick(step)[0]] == [g.key for g in zero.pick(step)[0]]
+        for name, s in (("plain", plain), ("hard", hard)):
+            gs = s.pick(step)[0]
+            if gs[0].dataset == "polyps":
+                partners[name].append(gs[1].dataset)
+    assert partners["hard"] and set(partners["hard"]) == {"skins"}
+    assert len(set(partners["plain"])) >= 2  # tools and em are compatible partners too
+    assert [g.key for g in hard.pick(5)[0]] == [g.key for g in CompositeSampler(ds, seed=3, tiles=(2, 2),
+                                                                                 hard_rate=1.0).pick(5)[0]]
+    with pytest.raises(ValueError, match="hard_rate"):
+        CompositeSampler(ds, hard_rate=1.5)
+
+
 def test_sampler_needs_two_compatible_datasets():
     ds = make_dataset(1)
     only_polyps = ds.subset([i for i, r in enumerate(ds.records) if r["dataset"] == "polyps"])

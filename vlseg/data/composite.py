@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .groups import ImageGroup, group_by_image, load_group
-from .negatives import datasets_compatible, negative_candidates
+from .negatives import datasets_compatible, hard_subset, negative_candidates
 
 Box = tuple[int, int, int, int]  # (y0, x0, y1, x1), exclusive ends
 _SALT_PICK, _SALT_PLACE = 0xC0, 0xC1  # keep the canvas streams apart from other (seed, step) streams
@@ -182,15 +182,22 @@ class CompositeSampler:
             from some images, e.g. the evaluation images).
         weights: dataset name -> weight for the first tile's dataset (default uniform over datasets); later tiles
             are uniform over the remaining compatible datasets.
+        hard_rate: the chance that a later tile comes from a dataset whose classes look like those already on the
+            canvas (``vlseg.prompts.hard_negatives``: polyp / skin lesion / breast tumor, vessels / membranes), when
+            one is left: canvases where only the class name, not "the salient thing", tells the tiles apart.
     Raises:
         ValueError: ``tiles`` out of range, or no two datasets may share a canvas.
     """
 
     def __init__(self, dataset: Any, seed: int = 0, tiles: tuple[int, int] = (2, 4), size: int = 512,
-                 groups: Sequence[ImageGroup] | None = None, weights: Mapping[str, float] | None = None):
+                 groups: Sequence[ImageGroup] | None = None, weights: Mapping[str, float] | None = None,
+                 hard_rate: float = 0.0):
         lo, hi = tiles
         if not 2 <= lo <= hi <= 4:
             raise ValueError(f"tiles must be (lo, hi) with 2 <= lo <= hi <= 4, got {tiles}")
+        if not 0.0 <= hard_rate <= 1.0:
+            raise ValueError(f"hard_rate must be within [0, 1], got {hard_rate}")
+        self.hard_rate = float(hard_rate)
         self.dataset, self.seed, self.tiles, self.size = dataset, int(seed), (int(lo), int(hi)), int(size)
         self.groups = list(group_by_image(dataset) if groups is None else groups)
         self.by_dataset: dict[str, list[int]] = {}
@@ -213,6 +220,8 @@ class CompositeSampler:
             raise ValueError(f"weights must be >= 0 with a positive sum over {self.starts}, got {dict(weights or {})}")
         self.start_p = w / w.sum()
         self.pool = sorted({c for cs in self.classes.values() for c in cs})
+        self.look_alikes = {d: {e for e in self.partners[d] if hard_subset(self.classes[e], self.classes[d])}
+                            for d in self.names}  # compatible datasets with a look-alike class
 
     def _rng(self, step: int, item: int, salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(step), int(item), salt])
@@ -227,6 +236,9 @@ class CompositeSampler:
             left = sorted(set.intersection(*(self.partners[d] for d in chosen)) - set(chosen))
             if not left:
                 break
+            if self.hard_rate and rng.random() < self.hard_rate:  # no draw at rate 0: canvases stay as they were
+                hard = [d for d in left if any(d in self.look_alikes[c] for c in chosen)]
+                left = hard or left
             chosen.append(left[int(rng.integers(len(left)))])
         groups = [self.groups[self.by_dataset[d][int(rng.integers(len(self.by_dataset[d])))]] for d in chosen]
         layouts = LAYOUTS[len(groups)]

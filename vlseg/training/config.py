@@ -28,7 +28,8 @@ class TrainConfig:
     prompts per image (``prompts_per_image``: each annotated class of the image is its own target),
     ``negative_rate`` (prompt slots given to classes known to be absent, with empty targets; look-alikes at
     ``hard_negative_rate``) and ``composite_rate`` (canvases tiling images of different datasets, where only the
-    prompt says which tile is meant). ``calibrate_presence`` stores a validated presence threshold in ``best/``.
+    prompt says which tile is meant; ``composite_hard_rate``: tiles whose classes look alike, e.g. a polyp beside a
+    skin lesion). ``calibrate_presence`` stores a validated presence threshold in ``best/``.
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -53,6 +54,7 @@ class TrainConfig:
     hard_negative_rate: float = 0.5  # share of negatives drawn from look-alike classes (prompts/hard_negatives.json)
     composite_rate: float = 0.0  # share of training images that are composite canvases of 2-4 images
     composite_tiles: list[StrictInt] = field(default_factory=lambda: [2, 4])  # fewest, most tiles per canvas
+    composite_hard_rate: float = 0.0  # chance a later tile's dataset has look-alike classes (polyp / skin lesion)
     calibrate_presence: StrictBool = True  # after training, choose the presence threshold on the validation split
     augment: dict[str, Any] | None = field(default_factory=lambda: {"hflip": 0.5})
     # optimisation
@@ -87,7 +89,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        for name in ("negative_rate", "hard_negative_rate", "composite_rate"):
+        for name in ("negative_rate", "hard_negative_rate", "composite_rate", "composite_hard_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if len(self.composite_tiles) != 2 or not 2 <= self.composite_tiles[0] <= self.composite_tiles[1] <= 4:

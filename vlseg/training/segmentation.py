@@ -46,7 +46,7 @@ class SegmentationBatcher:
         self.canvases = None
         if cfg.composite_rate > 0:
             self.canvases = CompositeSampler(ds, seed=cfg.seed, tiles=tuple(cfg.composite_tiles),  # type: ignore[arg-type]
-                                             size=processor.size)
+                                             size=processor.size, hard_rate=cfg.composite_hard_rate)
 
     def _fit(self, image: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Resize an image (bilinear, antialiased) and its masks (nearest) to the processor's square input, as the
