@@ -1,6 +1,7 @@
 """The timm CNN trunk (``timm-cnn``): the token contract, weights from a safetensors file (never a pickle), clear
 errors for unknown models and wrong files, and a from-scratch model that trains and round-trips a checkpoint."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -95,3 +96,21 @@ def test_scratch_preset_trains_and_round_trips(tmp_path):
     with torch.no_grad():
         a, b = m(x, ["polyp"]).logits, back(x, ["polyp"]).logits
     assert a.std() > 0 and torch.allclose(a, b, atol=1e-5)
+
+
+def test_exports_to_onnx_exactly():
+    """The stage resampling uses constant kernels, so the CNN trunk exports (adaptive pooling would not)."""
+    from vlseg import ort
+    from vlseg import precision as P
+
+    if not ort.available():
+        pytest.skip("onnxruntime / onnx not installed (the onnx extra)")
+    torch.manual_seed(0)
+    enc = {"type": "timm-cnn", "pretrained": False, "options": {"model": "resnet18", "width": 16}}
+    m = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc, freeze_image=False, image_size=64)
+    images = P.sample_images(n=2, size=64)
+    ref = np.stack(vlseg.segment(m, images, ["polyp", "liver"], return_probs=True))
+    v = P.variant(m, "onnx")
+    assert isinstance(v.image_encoder, ort.OrtImageEncoder)
+    got = np.stack(vlseg.segment(v, images, ["polyp", "liver"], return_probs=True))
+    assert ref.std() > 0 and np.abs(got - ref).max() < 1e-4 and v.image_encoder.stats["ort_calls"] == 1

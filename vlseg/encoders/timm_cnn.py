@@ -70,17 +70,19 @@ class TimmCNNImageEncoder(ImageEncoder):
 
         try:
             self.backbone = timm.create_model(model, pretrained=pretrained is True, features_only=True)
-        except RuntimeError as e:
-            if "Unknown model" in str(e):
+        except Exception as e:
+            if isinstance(e, RuntimeError) and "Unknown model" in str(e):
                 raise ValueError(f"timm has no model {model!r} (see timm.list_models())") from e
-            raise download_hint(model, e) from e
-        except Exception as e:  # offline hub, missing weights: one readable error with the way out
-            if pretrained is True:
+            if pretrained is True:  # offline hub, missing weights: one readable error with the way out
                 raise download_hint(model, e) from e
             raise
         if isinstance(pretrained, str):
             _load_file(self.backbone, pretrained)
         chans = self.backbone.feature_info.channels()
+        self.reductions: list[int] = list(self.backbone.feature_info.reduction())
+        if any(patch_size % r for r in self.reductions if r < patch_size):
+            raise ValueError(f"patch_size {patch_size} must be a multiple of {model}'s finer stage strides "
+                             f"{self.reductions}")
         self.proj = nn.ModuleList(nn.Conv2d(c, width, 1) for c in chans)
         self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in chans)  # per token: no statistics across the image
         self.info = ImageEncoderInfo(
@@ -98,10 +100,10 @@ class TimmCNNImageEncoder(ImageEncoder):
         feats = self.backbone(pixel_values)
         tokens = []
         for i in layers:
-            f = feats[i]
-            if f.shape[-2] > grid[0]:
-                f = nn.functional.adaptive_avg_pool2d(f, grid)
-            elif f.shape[-2:] != grid:
+            f, r = feats[i], self.reductions[i]
+            if r < self.info.patch_size:  # finer stage: average r-pixel cells into p-pixel ones (constant kernel: ONNX)
+                f = nn.functional.avg_pool2d(f, self.info.patch_size // r)
+            elif r > self.info.patch_size or f.shape[-2:] != grid:
                 f = nn.functional.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             tokens.append(self.norm[i](self.proj[i](f).flatten(2).transpose(1, 2)))
         pooled_t = self.norm[n - 1](self.proj[n - 1](feats[-1]).mean((2, 3))) if pooled else None
