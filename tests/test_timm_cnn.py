@@ -71,7 +71,7 @@ def test_unknown_model_and_missing_name():
 
 def test_offline_hub_weights_say_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SourceError, match="Could not load pretrained weights for 'resnet18'"):
+    with pytest.raises(SourceError, match="Could not load pretrained weights for 'hf-hub:timm/resnet18"):
         build(name="resnet18", pretrained=True)
 
 
@@ -114,3 +114,43 @@ def test_exports_to_onnx_exactly():
     assert isinstance(v.image_encoder, ort.OrtImageEncoder)
     got = np.stack(vlseg.segment(v, images, ["polyp", "liver"], return_probs=True))
     assert ref.std() > 0 and np.abs(got - ref).max() < 1e-4 and v.image_encoder.stats["ort_calls"] == 1
+
+
+def test_frozen_pretrained_trunk_trains_its_projections_and_round_trips(tmp_path):
+    """A CNN with weights from a file, frozen: its stage projections (new layers) still train and are saved; the
+    CNN's own weights are not, and come back from the file on load."""
+    torch.manual_seed(0)
+    full = timm.create_model("resnet18", pretrained=False)
+    save_file(full.state_dict(), str(tmp_path / "model.safetensors"))
+    enc = {"type": "timm-cnn", "name": "resnet18", "options": {"width": 16}}
+    # pretrained= goes to every named encoder (the tiny text tower is inline: random)
+    m = vlseg.create_model("tiny-test", pretrained=str(tmp_path), image_encoder=enc, image_size=64)
+    assert torch.equal(m.image_encoder.backbone.conv1.weight, full.conv1.weight)
+    trainable = {n for n, p in m.image_encoder.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("proj.", "norm.")) for n in trainable)
+    with torch.no_grad():
+        for p in m.image_encoder.proj.parameters():
+            p.add_(0.1)  # as training would: the saved checkpoint must carry it
+    m.eval()
+    x = torch.randn(1, 3, 64, 64)
+    back = vlseg.load(m.save_pretrained(tmp_path / "ck"))
+    assert torch.equal(back.image_encoder.backbone.conv1.weight, full.conv1.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, ["polyp"]).logits, back(x, ["polyp"]).logits)
+
+
+def test_hub_weights_are_safetensors_only(tmp_path, monkeypatch):
+    """timm's Hub repo is fetched through vlseg's safe-file resolver; a repo with only pickles is refused, one with
+    model.safetensors is loaded (timm's own loader, which may fall back to pytorch_model.bin, is never used)."""
+    from vlseg.encoders import timm_cnn
+
+    asked = []
+    monkeypatch.setattr(timm_cnn, "resolve_folder", lambda src: asked.append(src) or tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"never read")
+    with pytest.raises(SourceError, match="no model.safetensors"):
+        build(name="resnet18", pretrained=True)
+    assert asked == ["hf-hub:timm/resnet18.a1_in1k"]
+    full = timm.create_model("resnet18", pretrained=False)
+    save_file(full.state_dict(), str(tmp_path / "model.safetensors"))
+    enc = build(name="resnet18", pretrained=True).image
+    assert torch.equal(enc.backbone.conv1.weight, full.conv1.weight)

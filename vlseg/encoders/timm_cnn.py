@@ -8,9 +8,11 @@ A CNN keeps locality (an inductive bias a small ViT trained from scratch lacks) 
     {"type": "timm-cnn", "pretrained": false, "options": {"model": "resnet18", "width": 192}}   # from scratch
     {"type": "timm-cnn", "name": "resnet18", "pretrained": true}                               # timm's weights
 
-With ``name``, ``pretrained`` is: ``True`` timm's own weights for it from the Hub; a path: a ``.safetensors`` state
+With ``name``, ``pretrained`` is: ``True`` timm's weights for it from the Hub (the ``model.safetensors`` of its
+``timm/...`` repo, fetched as safe files only; a repo with only pickles is refused); a path: a ``.safetensors`` state
 dict (or a folder holding ``model.safetensors``) of that timm model; ``False`` random weights. Without ``name`` (the
-model in ``options``) the trunk always starts from random weights and trains with the decoder.
+model in ``options``) the trunk always starts from random weights and trains with the decoder. The stage
+projections are new layers: they train even when the CNN is frozen.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import EncoderConfig
 from ..features import IMAGENET_MEAN, IMAGENET_STD, ImageEncoderInfo, ImageFeatures
-from ..sources import SourceError, download_hint
+from ..sources import SourceError, resolve_folder
 from . import ENCODERS
 from .base import EncoderPair, ImageEncoder, check_options
 
@@ -52,6 +54,20 @@ def _load_file(model: nn.Module, path: str) -> None:
                           f"{'...' if len(unexpected) > 5 else ''}")
 
 
+def _hub_weights(model: str) -> Path:
+    """The ``model.safetensors`` of timm's Hub repo for ``model`` (``timm/resnet18.a1_in1k``), fetched as safe files
+    only (``vlseg.sources.resolve_folder``)."""
+    import timm
+
+    hub_id = getattr(timm.models.get_pretrained_cfg(model), "hf_hub_id", None)
+    if not hub_id:
+        raise SourceError(f"timm names no Hub weights for {model!r}; pass a .safetensors file as `pretrained`")
+    folder = resolve_folder(f"hf-hub:{hub_id}")
+    if not (folder / "model.safetensors").is_file():
+        raise SourceError(f"{hub_id} on the Hub has no model.safetensors (vlseg never unpickles .bin/.pth files)")
+    return folder / "model.safetensors"
+
+
 class TimmCNNImageEncoder(ImageEncoder):
     """timm CNN stages -> per-stage tokens on one grid (no prefix tokens).
 
@@ -68,15 +84,15 @@ class TimmCNNImageEncoder(ImageEncoder):
         super().__init__()
         import timm
 
-        try:
-            self.backbone = timm.create_model(model, pretrained=pretrained is True, features_only=True)
-        except Exception as e:
-            if isinstance(e, RuntimeError) and "Unknown model" in str(e):
+        try:  # always built with random weights: timm's own loader may fetch pickles, ours reads only safetensors
+            self.backbone = timm.create_model(model, pretrained=False, features_only=True)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
                 raise ValueError(f"timm has no model {model!r} (see timm.list_models())") from e
-            if pretrained is True:  # offline hub, missing weights: one readable error with the way out
-                raise download_hint(model, e) from e
             raise
-        if isinstance(pretrained, str):
+        if pretrained is True:
+            _load_file(self.backbone, str(_hub_weights(model)))
+        elif isinstance(pretrained, str):
             _load_file(self.backbone, pretrained)
         chans = self.backbone.feature_info.channels()
         self.reductions: list[int] = list(self.backbone.feature_info.reduction())
@@ -85,6 +101,7 @@ class TimmCNNImageEncoder(ImageEncoder):
                              f"{self.reductions}")
         self.proj = nn.ModuleList(nn.Conv2d(c, width, 1) for c in chans)
         self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in chans)  # per token: no statistics across the image
+        self.trainable_prefixes = ("proj.", "norm.")  # new layers: they train even when the CNN itself is frozen
         self.info = ImageEncoderInfo(
             width=width, num_layers=len(chans), patch_size=patch_size, image_size=image_size, embed_dim=width,
             num_prefix_tokens=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=2,
