@@ -85,8 +85,8 @@ def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = 
              precision: str = "fp32") -> dict[str, Any]:
     """Evaluate and write ``out/metrics.json`` (overall, per dataset, per prompt level, ablations and
     ``language_use``), ``out/per_image.csv`` and overlay PNGs (``out/overlays/``): the ``overlays`` worst and
-    best cases, and the first ``overlays`` prompted classes on composite canvases (``canvas_*``: green hits on the prompted
-    tile's target, red predicted pixels off it (e.g. on the other tile), blue missed target).
+    best cases, and the first ``overlays`` prompted classes on composite canvases (``canvas_*``: green hits on the
+    prompted tile's target, red predicted pixels off it (e.g. on the other tile), blue missed target).
 
     Args:
         model: a VLSegModel.  dataset: a vlseg dataset (e.g. ``vlseg.data.from_spec(...)[1]``).
@@ -117,6 +117,7 @@ def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = 
                                      keep_predictions=True, progress=progress)
     summary["levels"] = list(levels)
     summary["precision"] = getattr(model, "precision", "fp32")
+    canvas_examples: list[dict[str, Any]] = []
     if language_use:
         from .language_use import language_use_report, summary_line
 
@@ -138,7 +139,7 @@ def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = 
             s = r["_sample"]
             name = f"{tag}_{n}_{slug(r['dataset'])}_dice{r['dice']:.2f}.png"
             Image.fromarray(error_overlay(s.image, s.mask, r["_pred"])).save(out / "overlays" / name)
-    for ex in canvas_examples if language_use else []:  # two images side by side, one class prompted: where it leaks
+    for ex in canvas_examples:  # two images side by side, one class prompted: where it leaks
         leak = "empty" if ex["leak"] is None else f"leak{ex['leak']:.2f}"
         name = f"canvas_{ex['canvas']}_{slug(ex['class'])}_{leak}.png"
         Image.fromarray(error_overlay(ex["image"], ex["target"], ex["pred"])).save(out / "overlays" / name)

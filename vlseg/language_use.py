@@ -330,13 +330,13 @@ def _canvas_rows(fn: PredictFn, dataset: Any, groups: Sequence[ImageGroup], seed
         for c in shown:
             pred = out[text[c]].mask
             area = int(pred.sum())
+            leak = float((pred & cv.other_tiles_mask(c)).sum() / area) if area else None
             if len(examples) < n_examples:
                 examples.append({"canvas": i, "class": c, "image": cv.image, "target": cv.targets[c], "pred": pred,
-                                 "leak": float((pred & cv.other_tiles_mask(c)).sum() / area) if area else None})
+                                 "leak": leak})
             rows.append({"canvas": i, "class": c, "datasets": [t.dataset for t in cv.tiles], "tiles": len(cv.tiles),
                          "dice_class": dice(pred, cv.targets[c]), "dice_empty": dice(empty, cv.targets[c]),
-                         "leak": float((pred & cv.other_tiles_mask(c)).sum() / area) if area else None,
-                         "pred_empty": area == 0})
+                         "leak": leak, "pred_empty": area == 0})
     return rows, None, examples
 
 

@@ -73,6 +73,16 @@ class Canvas:
         m[y0:y1, x0:x1] = True
         return m
 
+    @property
+    def present(self) -> list[str]:
+        """Classes shown on some tile (in tile order; a class on two tiles appears twice)."""
+        return [c for t in self.tiles for c in t.classes]
+
+    @property
+    def absent(self) -> list[str]:
+        """Classes some tile's annotation marks absent there (they may still be shown on another tile)."""
+        return [c for t in self.tiles for c in t.annotated if c not in t.classes]
+
     def owners(self, class_name: str) -> list[int]:
         """Indices of the tiles on which ``class_name`` has a non-empty mask."""
         return [i for i, t in enumerate(self.tiles) if class_name in t.classes]
@@ -259,10 +269,8 @@ class CompositeSampler:
     def negatives(self, canvas: Canvas, pool: Sequence[str] | None = None) -> list[str]:
         """Classes absent from every tile (their target on the canvas is empty), look-alikes of the canvas's
         classes first. ``pool`` defaults to every class of the dataset."""
-        present = [c for t in canvas.tiles for c in t.classes]
-        absent = [c for t in canvas.tiles for c in t.annotated if c not in t.classes]
         context = [c for t in canvas.tiles for c in self.classes.get(t.dataset, ())]
-        candidates = negative_candidates(self.pool if pool is None else pool, present, absent, context)
+        candidates = negative_candidates(self.pool if pool is None else pool, canvas.present, canvas.absent, context)
         # a class annotated absent on one tile may be present on another: keep only the canvas-wide absent ones
         return [c for c in candidates if not canvas.targets.get(c, np.zeros(1, bool)).any()]
 

@@ -97,8 +97,7 @@ class SegmentationBatcher:
                 canvas = self.canvases.canvas(step, item=j)
                 image, masks = canvas.image, dict(canvas.targets)
                 negatives = self.canvases.negatives(canvas)
-                present = [c for t in canvas.tiles for c in t.classes]
-                absent = [c for t in canvas.tiles for c in t.annotated if c not in t.classes]
+                present, absent = canvas.present, canvas.absent
                 key = None  # never repeats: not cached
             else:
                 g = self.group_of[int(rng.choice(len(self.ds), p=self.p))]
