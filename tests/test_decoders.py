@@ -110,3 +110,71 @@ def test_query_mask_runs_its_pixel_decoder_once_per_image():
         out = dec(f, text(8), pv, 8)
     h.remove()
     assert out.logits.shape == (8, 128, 128) and len(calls) == 1
+
+
+def skip_features(b, grid, patch=8, fine=((2, 6), (4, 7), (8, 9))):
+    f = features(b, grid, prefix=0)
+    h, w = grid[0] * patch, grid[1] * patch
+    f.image_size = (h, w)
+    f.fine = [torch.randn(b, c, h // s, w // s) for s, c in fine]
+    return f
+
+
+def test_query_mask_skips_use_the_fine_maps():
+    """With ``skips`` the pixel decoder reads the encoder's stride-2/4/8 maps (a U-Net's skip connections): every
+    skip layer gets a gradient, and a change in one fine map at one corner changes the mask there far more than far
+    away (the pixel decoder's GroupNorm couples the whole map a little)."""
+    cls = vlseg.decoders.DECODERS.get("query-mask")
+    img = ImageEncoderInfo(width=24, num_layers=3, patch_size=8, image_size=64, num_prefix_tokens=0,
+                           fine_strides=(2, 4, 8), fine_channels=(6, 7, 9))
+    dec = cls.from_config(dict(DECODERS["query-mask"], skips=True), img, TextEncoderInfo(width=20, embed_dim=12),
+                          presence=True)
+    assert dec.skip_strides == (2, 4, 8)
+    torch.manual_seed(0)
+    f, t, pv = skip_features(2, (8, 8)), text(4), torch.randn(2, 3, 64, 64)
+    out = dec(f, t, pv, 2)
+    assert out.logits.shape == (4, 64, 64)
+    out.logits.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.skip.parameters())
+    dec.eval()
+    with torch.no_grad():
+        a = dec(f, t, pv, 2).logits
+        f.fine[1][:, :, :2, :2] += 5.0  # stride 4: the top-left 8x8 pixels
+        b = dec(f, t, pv, 2).logits
+    d = (a - b).abs()
+    assert d[:, :8, :8].max() > 1e-2 and d[:, :8, :8].max() > 10 * d[:, 40:, 40:].max()
+
+
+def test_query_mask_skips_say_what_is_missing():
+    cls = vlseg.decoders.DECODERS.get("query-mask")
+    txt = TextEncoderInfo(width=20, embed_dim=12)
+    vit = ImageEncoderInfo(width=24, num_layers=3, patch_size=8, image_size=64)
+    with pytest.raises(ValueError, match="needs an image encoder that gives finer maps"):
+        cls.from_config(dict(DECODERS["query-mask"], skips=True), vit, txt, presence=True)
+    cnn = ImageEncoderInfo(width=24, num_layers=3, patch_size=8, image_size=64, num_prefix_tokens=0,
+                           fine_strides=(2, 4, 8), fine_channels=(6, 7, 9))
+    dec = cls.from_config(dict(DECODERS["query-mask"], skips=True), cnn, txt, presence=True)
+    f = features(1, (4, 4), prefix=0)  # tokens only, as a cache or an old ONNX export gives them
+    f.image_size = (32, 32)
+    with pytest.raises(ValueError, match=r"stride-\[2, 4, 8\] maps as skip connections.*carry none"):
+        dec(f, text(2), torch.randn(1, 3, 32, 32), 2)
+
+
+def test_query_mask_mlp_presence_head():
+    """``presence_head: mlp`` scores query x image interactions and the prompt map's peak: every one of its
+    parameters gets a gradient from the presence loss alone, and the coarse prompt map does too (its peak is an
+    input); an unknown kind is named."""
+    cls = vlseg.decoders.DECODERS.get("query-mask")
+    img = ImageEncoderInfo(width=24, num_layers=3, patch_size=8, image_size=64)
+    txt = TextEncoderInfo(width=20, embed_dim=12)
+    dec = cls.from_config(dict(DECODERS["query-mask"], presence_head="mlp"), img, txt, presence=True)
+    assert dec.presence_head[1].in_features == 4 * 32 + 2
+    torch.manual_seed(0)
+    out = dec(features(2, (4, 4)), text(6), torch.randn(2, 3, 32, 32), 3)
+    assert out.presence.shape == (6,) and torch.isfinite(out.presence).all()
+    assert out.presence.std() > 0  # differs across prompts and images
+    out.presence.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.presence_head.parameters())
+    assert dec.coarse.weight.grad is not None and dec.coarse.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="presence_head must be one of"):
+        cls.from_config(dict(DECODERS["query-mask"], presence_head="deep"), img, txt, presence=True)

@@ -28,6 +28,15 @@ def test_contract_and_grid():
     assert pair.image.info.num_layers == 5 and pair.image.info.default_layers == (1, 2, 3, 4)
 
 
+def test_fine_maps_follow_the_info():
+    """The stages finer than the token grid come back as maps (for skip connections), as the info lists them."""
+    enc = build(options={"model": "resnet18", "width": 16}).image
+    info = enc.info
+    assert info.fine_strides == (2, 4, 8) and info.fine_channels == (64, 64, 128)
+    f = enc(torch.randn(2, 3, 64, 96), [3])
+    assert [tuple(m.shape) for m in f.fine] == [(2, c, 64 // s, 96 // s) for s, c in zip((2, 4, 8), (64, 64, 128))]
+
+
 def test_stage_tokens_are_local():
     """A change in one corner of the image moves the stride-16 tokens near it, not the far corner's (locality
     is why this trunk exists)."""
@@ -98,8 +107,10 @@ def test_scratch_preset_trains_and_round_trips(tmp_path):
     assert a.std() > 0 and torch.allclose(a, b, atol=1e-5)
 
 
-def test_exports_to_onnx_exactly():
-    """The stage resampling uses constant kernels, so the CNN trunk exports (adaptive pooling would not)."""
+@pytest.mark.parametrize("skips", [False, True])
+def test_exports_to_onnx_exactly(skips):
+    """The stage resampling uses constant kernels, so the CNN trunk exports (adaptive pooling would not); with a
+    decoder that reads the fine maps as skips, the export carries them too."""
     from vlseg import ort
     from vlseg import precision as P
 
@@ -107,7 +118,11 @@ def test_exports_to_onnx_exactly():
         pytest.skip("onnxruntime / onnx not installed (the onnx extra)")
     torch.manual_seed(0)
     enc = {"type": "timm-cnn", "pretrained": False, "options": {"model": "resnet18", "width": 16}}
-    m = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc, freeze_image=False, image_size=64)
+    dec = {"name": "query-mask", "options": {"layers": [1, 2, 3], "dim": 16, "heads": 2, "embed_dim": 8,
+                                             "skips": skips}}
+    m = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc, freeze_image=False, image_size=64,
+                           decoder=dec)
+    assert m.decoder.skip_strides == ((2, 4, 8) if skips else ())
     images = P.sample_images(n=2, size=64)
     ref = np.stack(vlseg.segment(m, images, ["polyp", "liver"], return_probs=True))
     v = P.variant(m, "onnx")
@@ -137,6 +152,22 @@ def test_frozen_pretrained_trunk_trains_its_projections_and_round_trips(tmp_path
     assert torch.equal(back.image_encoder.backbone.conv1.weight, full.conv1.weight)
     with torch.no_grad():
         torch.testing.assert_close(m(x, ["polyp"]).logits, back(x, ["polyp"]).logits)
+
+
+def test_feature_cache_refuses_a_decoder_that_reads_fine_maps():
+    """A fixed CNN's tokens may be cached, but not when the decoder also reads its fine maps (the cache keeps
+    tokens only): training then runs the trunk each step instead of failing or dropping the skips. (A frozen
+    timm-cnn still trains its stage projections, so here every weight is fixed by hand.)"""
+    from vlseg.cache import cache_blockers
+
+    enc = {"type": "timm-cnn", "pretrained": False, "options": {"model": "resnet18", "width": 16}}
+    dec = {"name": "query-mask", "options": {"layers": [1, 2, 3], "dim": 16, "heads": 2, "embed_dim": 8}}
+    for skips, expect in ((False, []), (True, ["fine maps"])):
+        m = vlseg.create_model("tiny-test", pretrained=False, image_encoder=enc, image_size=64,
+                               decoder={**dec, "options": {**dec["options"], "skips": skips}})
+        m.image_encoder.requires_grad_(False)
+        got = cache_blockers(m)
+        assert [r for r in got if "fine maps" in r] == [r for r in got if expect] and len(got) == len(expect)
 
 
 def test_hub_weights_are_safetensors_only(tmp_path, monkeypatch):

@@ -30,6 +30,9 @@ def cache_blockers(model: object) -> list[str]:
         reasons.append("the image encoder has trainable parameters")
     if has_lora(enc):
         reasons.append("the image encoder carries LoRA adapters")
+    if getattr(model.decoder, "skip_strides", ()):  # type: ignore[attr-defined]
+        reasons.append("the decoder reads the image encoder's fine maps (skip connections), which the cache does "
+                       "not keep")
     return reasons
 
 

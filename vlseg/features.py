@@ -33,6 +33,8 @@ class ImageEncoderInfo:
         mean, std, resample: preprocessing (PIL resample code: 2 bilinear, 3 bicubic).
         lora_targets: default LoRA target module names for peft.
         default_layers: layers a decoder reads when its config does not say.
+        fine_strides, fine_channels: the finer-than-token feature maps the encoder also gives (a CNN's early stages,
+            stride s_i in pixels with C_i channels, finest first); empty for a ViT.
     """
 
     width: int
@@ -46,6 +48,8 @@ class ImageEncoderInfo:
     resample: int = 3
     lora_targets: tuple[str, ...] = ()
     default_layers: tuple[int, ...] = ()
+    fine_strides: tuple[int, ...] = ()
+    fine_channels: tuple[int, ...] = ()
 
     def resolve_layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
         """Validate layer indices (negative = from the end); default: 3 evenly spaced layers."""
@@ -88,6 +92,9 @@ class ImageFeatures:
         num_prefix_tokens: P.
         pooled: (B, D) pooled image embedding, or None when not requested.
         image_size: (H, W) of the pixel values that produced them.
+        fine: the encoder's finer-than-token maps, each (B, C_i, H / s_i, W / s_i) as its ``ImageEncoderInfo``
+            lists them (a CNN's early stages; decoders may use them as skip connections); empty for a ViT or
+            when not requested.
     """
 
     tokens: list[Tensor]
@@ -95,6 +102,7 @@ class ImageFeatures:
     num_prefix_tokens: int = 0
     pooled: Tensor | None = None
     image_size: tuple[int, int] = (0, 0)
+    fine: list[Tensor] = field(default_factory=list)
 
     @property
     def layers(self) -> list[Tensor]:

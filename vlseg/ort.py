@@ -56,7 +56,8 @@ def cache_dir() -> Path:
 
 
 class _Export(nn.Module):
-    """pixel_values (B, 3, H, W) -> one (B, P + N, C) tensor per layer: what is traced into the ONNX graph."""
+    """pixel_values (B, 3, H, W) -> one (B, P + N, C) tensor per layer, then the encoder's fine maps (B, C_s, H/s,
+    W/s) if it gives any (a CNN trunk): what is traced into the ONNX graph."""
 
     def __init__(self, encoder: nn.Module, layers: Sequence[int]):
         super().__init__()
@@ -64,7 +65,8 @@ class _Export(nn.Module):
         self.layers = list(layers)
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, ...]:
-        return tuple(self.encoder(pixel_values, self.layers).tokens)
+        f = self.encoder(pixel_values, self.layers)
+        return (*f.tokens, *f.fine)
 
 
 class _DropAdvice(logging.Filter):
@@ -85,7 +87,7 @@ def export_encoder(encoder: nn.Module, layers: Sequence[int], size: tuple[int, i
 
     Args:
         encoder: the image encoder (LoRA already merged).
-        layers: block indices whose tokens are the outputs, in order.
+        layers: block indices whose tokens are the outputs, in order (then the encoder's fine maps, if any).
         size: (H, W) of the input; the batch axis is dynamic.
         path: the .onnx file to write (atomically).
         int8: quantise it (``quantize_dynamic``, int8 weights).
@@ -94,8 +96,10 @@ def export_encoder(encoder: nn.Module, layers: Sequence[int], size: tuple[int, i
     """
     _require()
     path = Path(path)
-    names = [f"layer{i}" for i in layers]
     x = torch.zeros(1, 3, *size)
+    with torch.no_grad():
+        n_fine = len(encoder(x, list(layers)).fine)
+    names = [f"layer{i}" for i in layers] + [f"fine{j}" for j in range(n_fine)]
     tmp = _atomic_target(path)
     fp32 = tmp.with_name(tmp.stem + "-fp32.onnx") if int8 else tmp
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -189,7 +193,7 @@ class OrtImageEncoder(ImageEncoder):
 
         layers = "-".join(map(str, self.layers))
         mode = "int8" if self.int8 else "fp32"
-        tag = f"{self.key}-l{layers}-{size[0]}x{size[1]}-{mode}-ort{onnxruntime.__version__}-torch{torch.__version__}"
+        tag = f"{self.key}-l{layers}-fine-{size[0]}x{size[1]}-{mode}-ort{onnxruntime.__version__}-torch{torch.__version__}"
         return cache_dir() / f"{tag.replace('+', '_')}.onnx"
 
     def _session(self, size: tuple[int, int]) -> tuple[Any, int, tuple[int, int]]:
@@ -227,8 +231,10 @@ class OrtImageEncoder(ImageEncoder):
         session, prefix, grid = self._session(size)
         outs = session.run(None, {"pixel_values": pixel_values.detach().float().contiguous().numpy()})
         self.stats["ort_calls"] += 1
-        return ImageFeatures(tokens=[torch.from_numpy(o) for o in outs], grid=grid, num_prefix_tokens=prefix,
-                             pooled=None, image_size=size)
+        maps = [torch.from_numpy(o) for o in outs]
+        n = len(self.layers)
+        return ImageFeatures(tokens=maps[:n], grid=grid, num_prefix_tokens=prefix, pooled=None, image_size=size,
+                             fine=maps[n:])
 
 
 __all__ = ["ORT_MODES", "OrtImageEncoder", "available", "cache_dir", "export_encoder", "export_image_encoder"]

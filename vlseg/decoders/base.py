@@ -12,6 +12,9 @@ from ..features import ImageEncoderInfo, ImageFeatures, TextEncoderInfo, TextFea
 from .blocks import masked_mean
 
 
+PRESENCE_HEADS = ("linear", "mlp")
+
+
 @dataclass
 class DecoderOutput:
     """Attributes:
@@ -90,6 +93,7 @@ class TokenFusionDecoder(FusionDecoder):
         self.txt_proj = nn.Linear(text_width, dim)
         self.pool_proj = nn.Linear(text_dim, dim)
         self.presence_head: nn.Module | None = None
+        self.presence_kind = "linear"
 
     @classmethod
     def from_config(cls, options: dict[str, Any], image_info: ImageEncoderInfo, text_info: TextEncoderInfo,
@@ -97,16 +101,28 @@ class TokenFusionDecoder(FusionDecoder):
         return token_decoder_from_config(cls, options, set(cls.OPTIONS), image_info, text_info, presence)
 
     @staticmethod
-    def make_presence_head(dim: int) -> nn.Module:
-        """Scores [prompt query, mean fused patch token] (2d) -> one presence logit."""
-        return nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, 1))
+    def make_presence_head(dim: int, kind: str = "linear", evidence: int = 0) -> nn.Module:
+        """``linear``: scores [prompt query, mean fused patch token] (2d) -> one presence logit. ``mlp``: an MLP on
+        [query, mean and max fused patch token, query * mean token] (4d) plus ``evidence`` scalars the decoder adds
+        (query-mask: the peak of its prompt map), so presence can depend on how query and image interact."""
+        if kind == "linear":
+            return nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, 1))
+        if kind == "mlp":
+            return nn.Sequential(nn.LayerNorm(4 * dim + evidence), nn.Linear(4 * dim + evidence, dim), nn.GELU(),
+                                 nn.Linear(dim, 1))
+        raise ValueError(f"presence_head must be one of {PRESENCE_HEADS}, got {kind!r}")
 
     def prompt_query(self, txt: Tensor, text: TextFeatures) -> Tensor:
         """(BK, L, d) fused text tokens -> (BK, d): their masked mean plus the projected pooled embedding."""
         return masked_mean(txt, text.mask) + self.pool_proj(text.pooled)
 
-    def presence_logits(self, query: Tensor, pix: Tensor) -> Tensor | None:
-        """(BK, d) query, (BK, N, d) fused patch tokens -> (BK,) presence logits, or None without a head."""
+    def presence_logits(self, query: Tensor, pix: Tensor, evidence: Tensor | None = None) -> Tensor | None:
+        """(BK, d) query, (BK, N, d) fused patch tokens [, (BK, e) evidence scalars for the ``mlp`` head] -> (BK,)
+        presence logits, or None without a head."""
         if self.presence_head is None:
             return None
-        return self.presence_head(torch.cat([query, pix.mean(1)], -1))[:, 0]
+        mean = pix.mean(1)
+        if self.presence_kind == "linear":
+            return self.presence_head(torch.cat([query, mean], -1))[:, 0]
+        parts = [query, mean, pix.amax(1), query * mean] + ([evidence] if evidence is not None else [])
+        return self.presence_head(torch.cat(parts, -1))[:, 0]

@@ -3,7 +3,9 @@
 Each stage of the CNN is one "layer": its feature map is resampled to the stride-``patch_size`` grid (average
 pooling from finer stages, bilinear from coarser ones) and projected to ``width`` channels by a 1x1 convolution, so
 decoders read the same token contract as from a ViT: layer ``i`` -> (B, N, width) with N = (H / p) * (W / p).
-A CNN keeps locality (an inductive bias a small ViT trained from scratch lacks) at a similar CPU cost.
+A CNN keeps locality (an inductive bias a small ViT trained from scratch lacks) at a similar CPU cost. The stages
+finer than the grid are also given as they are (``ImageFeatures.fine``: resnet18's strides 2, 4 and 8), for decoders
+that use them as skip connections (``query-mask`` with ``skips``), as a U-Net does.
 
     {"type": "timm-cnn", "pretrained": false, "options": {"model": "resnet18", "width": 192}}   # from scratch
     {"type": "timm-cnn", "name": "resnet18", "pretrained": true}                               # timm's weights
@@ -102,14 +104,17 @@ class TimmCNNImageEncoder(ImageEncoder):
         self.proj = nn.ModuleList(nn.Conv2d(c, width, 1) for c in chans)
         self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in chans)  # per token: no statistics across the image
         self.trainable_prefixes = ("proj.", "norm.")  # new layers: they train even when the CNN itself is frozen
+        fine = [i for i, r in enumerate(self.reductions) if r < patch_size]
         self.info = ImageEncoderInfo(
             width=width, num_layers=len(chans), patch_size=patch_size, image_size=image_size, embed_dim=width,
             num_prefix_tokens=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=2,
             lora_targets=("conv1", "conv2"), default_layers=tuple(range(1, len(chans))),
+            fine_strides=tuple(self.reductions[i] for i in fine), fine_channels=tuple(chans[i] for i in fine),
         )
 
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
-        """(B, 3, H, W) -> ImageFeatures with one (B, (H/p) * (W/p), width) tensor per requested stage."""
+        """(B, 3, H, W) -> ImageFeatures with one (B, (H/p) * (W/p), width) tensor per requested stage, and the
+        stages finer than the grid as maps (B, C_s, H/s, W/s) in ``fine``."""
         h, w = pixel_values.shape[-2], pixel_values.shape[-1]
         grid = (h // self.info.patch_size, w // self.info.patch_size)
         n = len(self.proj)
@@ -124,7 +129,9 @@ class TimmCNNImageEncoder(ImageEncoder):
                 f = nn.functional.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             tokens.append(self.norm[i](self.proj[i](f).flatten(2).transpose(1, 2)))
         pooled_t = self.norm[n - 1](self.proj[n - 1](feats[-1]).mean((2, 3))) if pooled else None
-        return ImageFeatures(tokens=tokens, grid=grid, num_prefix_tokens=0, pooled=pooled_t, image_size=(h, w))
+        fine = [f for f, r in zip(feats, self.reductions) if r < self.info.patch_size]
+        return ImageFeatures(tokens=tokens, grid=grid, num_prefix_tokens=0, pooled=pooled_t, image_size=(h, w),
+                             fine=fine)
 
 
 @ENCODERS.register("timm-cnn")
