@@ -156,7 +156,7 @@ def test_query_mask_skips_say_what_is_missing():
     dec = cls.from_config(dict(DECODERS["query-mask"], skips=True), cnn, txt, presence=True)
     f = features(1, (4, 4), prefix=0)  # tokens only, as a cache or an old ONNX export gives them
     f.image_size = (32, 32)
-    with pytest.raises(ValueError, match=r"stride-\[2, 4, 8\] maps as skip connections.*carry none"):
+    with pytest.raises(ValueError, match=r"stride-\[2, 4, 8\] maps as skip connections.*carry none of its 3"):
         dec(f, text(2), torch.randn(1, 3, 32, 32), 2)
 
 

@@ -64,6 +64,7 @@ class QueryMaskDecoder(TokenFusionDecoder):
             raise ValueError(f"query-mask option presence_head must be one of {PRESENCE_HEADS}, got {presence_head!r}")
         self.presence_kind = presence_head
         self.presence_head = self.make_presence_head(dim, presence_head, evidence=2) if presence else None
+        self.fine_strides = tuple(skips or {})  # every fine map the encoder gives, in its order (finest first)
         skips = {s: c for s, c in (skips or {}).items() if s in (2, 4, 8)}
         self.skip_strides = tuple(sorted(skips))  # the fine maps read, by stride
         width = {8: dim, 4: c2, 2: c1}  # a skip is projected to the width of the path it joins
@@ -102,14 +103,11 @@ class QueryMaskDecoder(TokenFusionDecoder):
         """The fine maps this decoder reads, by stride (an error naming the problem when the features lack them)."""
         if not self.skip_strides:
             return {}
-        strides = [image.image_size[0] // f.shape[-2] for f in image.fine]
-        by_stride = dict(zip(strides, image.fine))
-        missing = [s for s in self.skip_strides if s not in by_stride]
-        if missing:
-            raise ValueError(f"this query-mask decoder reads the image encoder's stride-{missing} maps as skip "
-                             f"connections, but the image features carry {strides or 'none'} (features from a "
-                             "cache or an ONNX export keep only tokens)")
-        return by_stride
+        if len(image.fine) != len(self.fine_strides):
+            raise ValueError(f"this query-mask decoder reads the image encoder's stride-{list(self.skip_strides)} "
+                             f"maps as skip connections, but the image features carry {len(image.fine) or 'none'} "
+                             f"of its {len(self.fine_strides)} fine maps (features from a cache keep only tokens)")
+        return dict(zip(self.fine_strides, image.fine))
 
     def forward(self, image: ImageFeatures, text: TextFeatures, pixel_values: Tensor, k: int) -> DecoderOutput:
         """image: B images; text: B * K prompts -> logits (B * K, H, W), presence (B * K,)."""
