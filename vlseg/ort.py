@@ -25,13 +25,13 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import torch
 from torch import Tensor, nn
 
 from .encoders.base import ImageEncoder
-from .features import ImageFeatures
+from .features import ImageEncoderInfo, ImageFeatures
 from .sources import cache_root
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ def export_encoder(encoder: nn.Module, layers: Sequence[int], size: tuple[int, i
     _require()
     path = Path(path)
     x = torch.zeros(1, 3, *size)
-    with torch.no_grad():
-        n_fine = len(encoder(x, list(layers)).fine)
+    info = cast(ImageEncoderInfo, encoder.info)
+    n_fine = len(info.fine_strides)  # the fine maps its forward gives after the tokens
     names = [f"layer{i}" for i in layers] + [f"fine{j}" for j in range(n_fine)]
     tmp = _atomic_target(path)
     fp32 = tmp.with_name(tmp.stem + "-fp32.onnx") if int8 else tmp
