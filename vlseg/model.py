@@ -90,6 +90,7 @@ class VLSegModel(nn.Module):
     """
 
     text_cache_size = 1024
+    cache_frozen_prompts = False  # training: cache a frozen text tower's output per prompt (see encode_text)
 
     def __init__(self, config: ModelConfig, image_encoder: ImageEncoder, text_encoder: TextEncoder,
                  decoder: FusionDecoder, processor: ImageProcessor, *, family: Family):
@@ -177,18 +178,24 @@ class VLSegModel(nn.Module):
 
     def encode_text(self, prompts: Sequence[str]) -> TextFeatures:
         """K strings -> TextFeatures (K, ...). Repeated prompts are encoded once. At inference (eval mode and no
-        gradient) embeddings come from an LRU cache keyed by the prompt string; in training, a frozen text tower
-        without LoRA caches its fixed part the same way and only its trainable head (``project``) runs."""
+        gradient) embeddings come from an LRU cache keyed by the prompt string. In training, a frozen text tower
+        without LoRA runs its fixed part without gradient and only its trainable head (``project``) learns: with
+        ``cache_frozen_prompts`` each new prompt's fixed part is encoded alone and cached (prompts that repeat, e.g.
+        VQA questions), else a step's prompts are encoded together in one call, uncached (generated prompts that
+        rarely repeat: one call instead of one per prompt)."""
         unique = list(dict.fromkeys(prompts))
         order = {p: i for i, p in enumerate(unique)}
         if not (self.training or torch.is_grad_enabled()):
             feats = self._cached(unique, self._text_cache, lambda ps: self._run_text_encoder(ps))
         elif self.config.freeze_text and not has_lora(self.text_encoder):
-            # Each new prompt is encoded alone: its cached value then never depends on which prompts it happened to
-            # be batched with (float sums differ with padding), so a resumed run matches an uninterrupted one.
+            # Either way a prompt's features depend only on the step's own prompts, never on what earlier steps left
+            # in a cache (float sums differ with padding), so a resumed run matches an uninterrupted one.
             with torch.no_grad():
-                fixed = self._cached(unique, self._frozen_text_cache,
-                                     lambda ps: TextFeatures.cat([self._run_text_encoder([p], True) for p in ps]))
+                if self.cache_frozen_prompts:
+                    fixed = self._cached(unique, self._frozen_text_cache, lambda ps: TextFeatures.cat(
+                        [self._run_text_encoder([p], True) for p in ps]))
+                else:
+                    fixed = self._run_text_encoder(unique, True)
             feats = self.text_encoder.project(fixed)
         else:
             feats = self._run_text_encoder(unique)

@@ -227,6 +227,8 @@ class VQAModel(VLSegModel):
             grounding decoder (any registered FusionDecoder with a presence head).
     """
 
+    cache_frozen_prompts = True  # a few questions and answers, asked again and again: encoded once each
+
     def __init__(self, config: Any, image_encoder: Any, text_encoder: Any, decoder: Any, processor: Any, *,
                  family: Any):
         super().__init__(config, image_encoder, text_encoder, decoder, processor, family=family)
