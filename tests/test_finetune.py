@@ -212,3 +212,13 @@ def test_evaluate_in_a_precision_mode(mf, tmp_path, monkeypatch):
     assert len(seen["images"]) == min(3, len(ds)) and np.array_equal(seen["images"][0], ds[0].image)
     assert seen["prompts"] == [ds[i].class_name for i in range(min(3, len(ds)))]
     P._RESOLVED.pop(tiny, None)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "finetune" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    """Every config in finetune/configs validates (keys, types, ranges) and names a known model."""
+    from vlseg.training import load_config
+
+    cfg = load_config(path)
+    assert cfg.max_steps > 0 and cfg.data
+    assert cfg.model in vlseg.list_models() or Path(cfg.model).exists(), cfg.model
