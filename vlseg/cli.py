@@ -178,7 +178,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = vlseg.load_or_create(args.model, args.pretrained)
     _, ds = from_spec(args.data)
     if args.split != "all":
-        train, val = train_val_split(ds, args.val_fraction, seed=args.seed)
+        train, val = train_val_split(ds, args.val_fraction, seed=args.seed if args.split_seed is None else args.split_seed)
         ds = val if args.split == "val" else train
     summary = evaluate(model, ds, args.out, levels=args.levels, max_samples=args.max_samples, seed=args.seed,
                        ablations=not args.no_ablations, language_use=not args.no_language_use,
@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=["all", "train", "val"], default="all",
                    help="evaluate on the reproducible group split that finetune/train.py uses")
     e.add_argument("--val-fraction", type=float, default=0.2)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=0, help="the split's seed (the run's `seed`) and the report's picks")
+    e.add_argument("--split-seed", type=int, default=None,
+                   help="the split's seed when the run set `split_seed` (default: --seed)")
     e.add_argument("--max-samples", type=int, default=None)
     e.add_argument("--no-ablations", action="store_true")
     e.add_argument("--no-language-use", action="store_true")

@@ -68,6 +68,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where measured faster
     seed: StrictInt = 0
+    split_seed: StrictInt | None = None  # the train/val split's seed (None: ``seed``); fix it to vary only the training
     loss: dict[str, float] = field(default_factory=lambda: {"dice_weight": 1.0, "bce_weight": 1.0,
                                                              "focal_weight": 0.0, "presence_weight": 0.2})
     # frozen-feature cache: auto (when the image encoder is frozen and inputs repeat) | off | memory | disk
@@ -94,6 +95,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if len(self.composite_tiles) != 2 or not 2 <= self.composite_tiles[0] <= self.composite_tiles[1] <= 4:
             raise ValueError(f"composite_tiles must be [fewest, most] within 2..4, got {self.composite_tiles}")
+
+    @property
+    def data_split_seed(self) -> int:
+        """The seed of the train/val split: ``split_seed``, else ``seed``."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

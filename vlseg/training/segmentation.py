@@ -134,7 +134,7 @@ class SegmentationTask(Task):
 
     def datasets(self, cfg: TrainConfig) -> tuple[Any, Any]:
         roots = [Path.cwd(), Path(__file__).resolve().parents[2]]  # the working directory, then a source checkout
-        return split_sources(cfg.data, cfg.val_fraction, cfg.seed, roots=roots)
+        return split_sources(cfg.data, cfg.val_fraction, cfg.data_split_seed, roots=roots)
 
     def batcher(self, model: Any, train: Any, cfg: TrainConfig, rank: int, world: int) -> Any:
         self._loss["fn"] = SegmentationLoss(**cfg.loss)

@@ -177,13 +177,13 @@ def build_datasets(cfg: Any) -> tuple[VQAPool, VQAPool]:
                 va: Any = from_published(root, fmt, split="val", **s)
             else:
                 full = from_published(root, fmt, **s)
-                ti, vi = _group_split(full, cfg.val_fraction, cfg.seed)
+                ti, vi = _group_split(full, cfg.val_fraction, cfg.data_split_seed)
                 tr, va = full.subset(ti), full.subset(vi)
             published.append((name, tr, va))
         else:
             qa = {**opts["engine"], **(s.pop("qa", None) or {})}
             _, seg = from_spec(s, _roots())
-            tr, va = train_val_split(seg, cfg.val_fraction, seed=cfg.seed)
+            tr, va = train_val_split(seg, cfg.val_fraction, seed=cfg.data_split_seed)
             engine_src.append((name, tr, va, qa))
     vocab = _union_vocab(engine_src, published, opts["unknown_policy"])
     train_parts: dict[str, Any] = {}
