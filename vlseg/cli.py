@@ -178,7 +178,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = vlseg.load_or_create(args.model, args.pretrained)
     _, ds = from_spec(args.data)
     if args.split != "all":
-        train, val = train_val_split(ds, args.val_fraction, seed=args.seed if args.split_seed is None else args.split_seed)
+        split_seed = args.seed if args.split_seed is None else args.split_seed
+        train, val = train_val_split(ds, args.val_fraction, seed=split_seed)
         ds = val if args.split == "val" else train
     summary = evaluate(model, ds, args.out, levels=args.levels, max_samples=args.max_samples, seed=args.seed,
                        ablations=not args.no_ablations, language_use=not args.no_language_use,
