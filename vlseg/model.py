@@ -188,8 +188,9 @@ class VLSegModel(nn.Module):
         if not (self.training or torch.is_grad_enabled()):
             feats = self._cached(unique, self._text_cache, lambda ps: self._run_text_encoder(ps))
         elif self.config.freeze_text and not has_lora(self.text_encoder):
-            # Either way a prompt's features depend only on the step's own prompts, never on what earlier steps left
-            # in a cache (float sums differ with padding), so a resumed run matches an uninterrupted one.
+            # Either way a prompt's features never depend on which prompts earlier steps happened to batch it with
+            # (float sums differ with padding): a cached prompt was encoded alone, an uncached one with its own step's
+            # prompts. So a resumed run matches an uninterrupted one.
             with torch.no_grad():
                 if self.cache_frozen_prompts:
                     fixed = self._cached(unique, self._frozen_text_cache, lambda ps: TextFeatures.cat(
