@@ -2,6 +2,7 @@
 mixed precision chosen by measurement."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +30,40 @@ def test_yaml_file_with_wrong_types_names_the_key(tmp_path):
     p.write_text("data: [{manifest: m.jsonl}]\nmax_steps: many\n")
     with pytest.raises(ValueError, match="max_steps"):
         T.load_config(p, [])
+
+
+def test_config_base_file_is_merged_under_the_file(tmp_path):
+    """`base:` takes another file's keys (relative to the file, chained); the file's own keys win, mappings merge key
+    by key, lists are replaced whole, overrides apply last; a loop or a missing base is an error naming it."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("data: [{manifest: a.jsonl}, {manifest: b.jsonl}]\nmax_steps: 100\n"
+                                        "lr: 0.01\nloss: {dice_weight: 1.0, bce_weight: 2.0}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nmax_steps: 50\nloss: {bce_weight: 3.0}\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\ndata: [{manifest: c.jsonl}]\nseed: 7\n")
+    cfg = T.load_config(tmp_path / "sub" / "leaf.yaml", ["lr=0.5"])
+    assert [s["manifest"] for s in cfg.data] == ["c.jsonl"]  # the list is replaced, not appended
+    assert (cfg.max_steps, cfg.seed, cfg.lr) == (50, 7, 0.5)
+    assert cfg.loss == {"dice_weight": 1.0, "bce_weight": 3.0}  # merged key by key
+    (tmp_path / "sub" / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "sub" / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="loops"):
+        T.load_config(tmp_path / "sub" / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ValueError, match="nowhere.yaml"):
+        T.load_config(tmp_path / "c.yaml")
+
+
+def test_image_only_reference_differs_from_the_main_job_only_in_its_language_keys():
+    """The shipped image-only reference is the main job with the words made uninformative: every other key (model,
+    steps, optimiser, augmentation, seed) is the main job's, through `base:`."""
+    configs = Path(__file__).resolve().parents[1] / "finetune" / "configs"
+    main = T.load_config(configs / "offline-shared.yaml").to_dict()
+    ref = T.load_config(configs / "offline-shared-image-only.yaml").to_dict()
+    differ = {k for k in main if main[k] != ref[k]}
+    assert differ == {"data", "prompt_levels", "eval_levels", "prompts_per_image", "negative_rate",
+                      "hard_negative_rate", "composite_rate", "calibrate_presence", "output_dir"}
+    assert ref["prompt_levels"] == ["p1"] and ref["composite_rate"] == 0 and ref["negative_rate"] == 0
+    assert [s for s in main["data"] if s in ref["data"]] == ref["data"]  # a subset, weighted as in the main job
 
 
 def test_train_state_round_trip_without_pickle(tmp_path):

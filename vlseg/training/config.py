@@ -141,23 +141,51 @@ def parse_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: mappings merge key by key (recursively), anything else (lists too) is replaced."""
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """A config file's keys, over those of its ``base`` file (a path relative to this file; bases may chain)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.load(f, Loader=_yaml_loader()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"Could not read config {path}: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a mapping of config keys, got {type(d).__name__}")
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path}: `base` must be the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    here = (*chain, path.resolve())
+    if base_path in here:
+        raise ValueError(f"{path}: `base` chain loops: {' -> '.join(str(p) for p in (*here, base_path))}")
+    if not base_path.is_file():
+        raise ValueError(f"{path}: its base config {base!r} is not a file (looked for {base_path})")
+    return merge(_read_yaml(base_path, here), d)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
     """A TrainConfig from a YAML file (optional) plus ``key=value`` overrides.
 
-    Raises:
-        ValueError: unreadable YAML, unknown keys, wrong types or values, no training data.
-    """
-    import yaml
+    A file may start from another: ``base: offline-shared.yaml`` (relative to the file) takes that file's keys, and
+    the file's own keys replace them (mappings such as ``loss`` merge key by key; lists such as ``data`` are
+    replaced whole). Overrides apply last.
 
-    d: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = yaml.load(f, Loader=_yaml_loader()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"Could not read config {path}: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path} must hold a mapping of config keys, got {type(d).__name__}")
+    Raises:
+        ValueError: unreadable YAML, a missing or looping ``base``, unknown keys, wrong types or values, no
+            training data.
+    """
+    d: dict[str, Any] = _read_yaml(Path(path), ()) if path else {}
     parse_overrides(d, list(overrides))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(d) - names)
