@@ -141,11 +141,11 @@ def parse_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """``child`` over ``base``: mappings merge key by key (recursively), anything else (lists too) is replaced."""
     out = dict(base)
     for k, v in child.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -171,7 +171,7 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise ValueError(f"{path}: `base` chain loops: {' -> '.join(str(p) for p in (*here, base_path))}")
     if not base_path.is_file():
         raise ValueError(f"{path}: its base config {base!r} is not a file (looked for {base_path})")
-    return merge(_read_yaml(base_path, here), d)
+    return _merge(_read_yaml(base_path, here), d)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:  # type: ignore[assignment]
