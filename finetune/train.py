@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> None:
         choice = [T.choose_mixed_precision(model, task, batcher(0, state.device), state.device)
                   if state.is_main_process else None]
         precision, precision_report = broadcast_object_list(choice)[0] if state.num_processes > 1 else choice[0]
+    layout, layout_report = cfg.memory_format, None
+    if layout == "auto":  # measured under the chosen precision, on the main process, the same for every process
+        choice = [T.choose_memory_format(model, task, [batcher(i, state.device) for i in range(3)], state.device,
+                                         precision == "bf16")
+                  if state.is_main_process else None]
+        layout, layout_report = broadcast_object_list(choice)[0] if state.num_processes > 1 else choice[0]
+    if layout == "channels_last":  # 4-D weights (and so the convolutions' activations) in NHWC; saved contiguous
+        model.to(memory_format=torch.channels_last)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, cpu=multi_cpu)
     cache = None
     if cfg.cache_features != "off":
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.print(model.format_trainable_summary())
     accelerator.print(f"task {task.name}: train samples {len(train_ds)}, val samples {len(val_ds)}, feature cache "
                       f"{'on' if cache else 'off'}, {threads or 'GPU'} CPU thread(s) per process, mixed precision "
-                      f"{precision}" + (f" ({precision_report['reason']})" if precision_report else ""))
+                      f"{precision}" + (f" ({precision_report['reason']})" if precision_report else "") +
+                      f", memory format {layout}" + (f" ({layout_report['reason']})" if layout_report else ""))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -177,7 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         T.plot_curves(log.path, out / "curves.png")
         final = {"step": step, "elapsed_s": round(time.time() - t0, 1), "threads_per_process": threads,
                  "processes": accelerator.num_processes, "mixed_precision": precision,
-                 "mixed_precision_choice": precision_report, "weights_sha256_per_process": digests}
+                 "mixed_precision_choice": precision_report,
+                 "memory_format": layout, "memory_format_choice": layout_report, "weights_sha256_per_process": digests}
         if step == cfg.max_steps and (out / "best").is_dir():  # calibrate on the validation split, keep it
             best_model = vlseg.load(out / "best", device=accelerator.device)
             report = task.finish(best_model, val_ds, cfg)

@@ -162,6 +162,24 @@ def test_bf16_lora_and_accumulation_run(mf, tmp_path):
     assert len(rows) == 2 and "cache_hits" not in rows[0]  # LoRA on the image encoder: no feature cache
 
 
+def test_channels_last_run_matches_the_default_layout(mf, tmp_path):
+    """Channels-last convolution weights change the kernels' memory layout, not the maths: the same run in both
+    layouts gives the same losses and weights (to float rounding), and the checkpoint is saved in the default
+    layout, loadable as any other."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(base_args(mf, a, 3, ["cache_features=off"]))
+    run(base_args(mf, b, 3, ["cache_features=off", "memory_format=channels_last"]))
+    assert np.allclose(losses(a), losses(b), atol=1e-4)
+    wa, wb = load_file(a / "last" / "model.safetensors"), load_file(b / "last" / "model.safetensors")
+    assert wa.keys() == wb.keys() and any(v.ndim == 4 for v in wb.values())
+    for k in wa:
+        assert wb[k].is_contiguous() and np.allclose(wa[k].numpy(), wb[k].numpy(), atol=1e-4), k
+    final = json.loads((b / "final.json").read_text())
+    assert final["memory_format"] == "channels_last" and final["memory_format_choice"] is None
+    assert json.loads((a / "final.json").read_text())["memory_format"] == "contiguous"
+    vlseg.load(b / "best")
+
+
 def test_bad_model_is_one_readable_error(mf, tmp_path):
     r = subprocess.run([sys.executable, str(TRAIN), *base_args(mf, tmp_path / "x", 1), "model=tiny-tset"],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -111,14 +111,16 @@ def _shared_train(shared_data):
 def test_batches_are_deterministic_and_use_language(shared_data):
     """The same (seed, step) gives the same batch from a fresh batcher; canvas and negative targets are right."""
     train, _ = _shared_train(shared_data)
-    cfg = T.load_config(None, [f"data=[{{manifest: {shared_data / 'manifest_all.jsonl'}}}]", "batch_size=6",
-                               "prompts_per_image=4", "composite_rate=0.5", "negative_rate=0.3", "augment=null"])
+    cfg_args = [f"data=[{{manifest: {shared_data / 'manifest_all.jsonl'}}}]", "batch_size=6", "prompts_per_image=4",
+                "composite_rate=0.5", "negative_rate=0.3", "augment=null"]
+    cfg = T.load_config(None, cfg_args)
     proc = vlseg.create_model("tiny-test", pretrained=False).processor
     task = T.get_task("segmentation")
     a = task.batcher(type("M", (), {"processor": proc})(), train, cfg, 0, 1)
-    b = task.batcher(type("M", (), {"processor": proc})(), train, cfg, 0, 1)
+    b = task.batcher(type("M", (), {"processor": proc})(), train,  # decoding every image again: the same batches
+                     T.load_config(None, [*cfg_args, "decode_cache_mb=0"]), 0, 1)
     seen_canvas = seen_negative = False
-    for step in range(4):
+    for step in [0, 1, 2, 3, 1, 0]:  # steps seen again: their images come from a's cache
         x, y = a(step, "cpu"), b(step, "cpu")
         assert x.inputs["prompts"] == y.inputs["prompts"] and x.keys == y.keys
         assert torch.equal(x.pixel_values, y.pixel_values) and torch.equal(x.inputs["targets"], y.inputs["targets"])
@@ -127,6 +129,48 @@ def test_batches_are_deterministic_and_use_language(shared_data):
         seen_negative |= bool((x.inputs["targets"].flatten(2).amax(-1) == 0).any())
     assert seen_canvas and seen_negative
     assert a(1, "cpu").inputs["prompts"] != a(2, "cpu").inputs["prompts"]
+    assert a.load.hits > 0 and len(a.load) > 0 and len(b.load) == 0 and b.load.misses > 0
+
+
+def test_group_cache_keeps_recent_images_within_its_bytes_and_hands_out_copies():
+    from types import SimpleNamespace
+
+    from vlseg.data import GroupCache, group_by_image
+
+    rng = np.random.default_rng(0)
+    rows = [SimpleNamespace(image=rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), mask=rng.random((8, 8)) > 0.5,
+                            class_name=c) for c in ("a", "b", "c")]
+
+    class Rows:  # three images, one class each
+        records = [{"image": f"{i}.png", "dataset": "d"} for i in range(3)]
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    ds = Rows()
+    groups = group_by_image(ds)
+    one = 8 * 8 * 3 + 8 * 8  # bytes of an image and its mask
+    cache = GroupCache(max_bytes=2 * one)
+    image, masks = cache(ds, groups[0])
+    assert np.array_equal(image, rows[0].image) and np.array_equal(masks["a"], rows[0].mask)
+    image[:] = 0
+    masks["a"][:] = False  # the caller's copy, not the cache's
+    image2, masks2 = cache(ds, groups[0])
+    assert cache.hits == 1 and np.array_equal(image2, rows[0].image) and np.array_equal(masks2["a"], rows[0].mask)
+    cache(ds, groups[1])
+    cache(ds, groups[0])  # group 0 is now the most recent: group 1 goes when group 2 arrives
+    cache(ds, groups[2])
+    assert len(cache) == 2 and cache.bytes == 2 * one
+    misses = cache.misses
+    cache(ds, groups[0])
+    assert cache.misses == misses
+    cache(ds, groups[1])
+    assert cache.misses == misses + 1
+    off = GroupCache(0)
+    off(ds, groups[0])
+    assert len(off) == 0 and off.bytes == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        GroupCache(-1)
 
 
 def test_own_absent_class_is_a_hard_negative():
@@ -181,6 +225,46 @@ def test_mixed_precision_auto_is_measured(monkeypatch):
     monkeypatch.setattr(P, "_step_seconds", lambda m, t, b, bf16, d: next(clock))
     choice, rep = P.choose_mixed_precision(model, None, None, "cpu")
     assert choice == "bf16" and rep["speedup"] == 2.0 and rep["fp32_step_s"] == 2.0
+
+
+def test_memory_format_auto_is_measured(monkeypatch):
+    from vlseg.training import precision as P
+
+    model = vlseg.create_model("tiny-test", pretrained=False)
+
+    def first_conv(m):  # a 3x3 one: a 1x1 kernel's weight is contiguous in both layouts
+        return next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d) and c.kernel_size != (1, 1))
+
+    def channels_last(m):
+        w = first_conv(m).weight
+        return w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+
+    conv = first_conv(model)
+    before = conv.weight.stride()
+    layouts = []
+
+    def seconds(probe, task, batch, bf16, device):  # channels-last probes "run" faster
+        last = channels_last(probe)
+        layouts.append(last)
+        return 1.0 if last else 1.2
+
+    monkeypatch.setattr(P, "_step_seconds", seconds)
+    choice, rep = P.choose_memory_format(model, None, None, "cpu", bf16=False)
+    assert choice == "channels_last" and rep["speedup"] == 1.2 and "1.20x" in rep["reason"]
+    assert layouts.count(True) == layouts.count(False) == 6  # one warm-up and five rounds each
+    assert layouts[:4] == [True, False, False, True]  # in alternating order
+    # one slow step on either side does not decide: the median of the paired rounds' ratios does
+    # (warm-up, then five rounds) per layout; the fastest of each would read 1.0x
+    clock = {False: iter([1.0, 1.1, 1.1, 1.1, 1.0, 1.1]), True: iter([1.0, 1.0, 1.0, 1.0, 3.0, 1.0])}
+    monkeypatch.setattr(P, "_step_seconds", lambda m, t, b, bf16, d: next(clock[channels_last(m)]))
+    choice, rep = P.choose_memory_format(model, None, [None, None], "cpu", bf16=False)
+    assert choice == "channels_last" and rep["speedup"] == 1.1 and rep["contiguous_step_s"][3] == 1.0
+    assert conv.weight.stride() == before  # the caller's model keeps its layout
+    monkeypatch.setattr(P, "_step_seconds", lambda m, t, b, bf16, d: 1.0)  # a tie keeps the default layout
+    assert P.choose_memory_format(model, None, None, "cpu", bf16=False)[0] == "contiguous"
+    linear_only = torch.nn.Sequential(torch.nn.Linear(3, 3))
+    choice, rep = P.choose_memory_format(linear_only, None, None, "cpu", bf16=False)
+    assert choice == "contiguous" and "no 2-D convolutions" in rep["reason"]
 
 
 def test_model_deepcopy_has_its_own_lock_and_no_cache():

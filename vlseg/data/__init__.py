@@ -13,14 +13,14 @@ from .datasets import (
     from_manifest,
     train_val_split,
 )
-from .groups import ImageGroup, group_by_image, load_group
+from .groups import GroupCache, ImageGroup, group_by_image, load_group
 from .schema import Sample
 from .specs import from_spec, split_sources
 from .transforms import PairedAugment
 from .validate import DataError, check_splits, read_mask
 
 __all__ = [
-    "Canvas", "CompositeSampler", "DataError", "FileDataset", "HFDataset", "ImageGroup", "PairedAugment",
+    "Canvas", "CompositeSampler", "DataError", "FileDataset", "GroupCache", "HFDataset", "ImageGroup", "PairedAugment",
     "PooledDataset", "Sample", "SampleDataset", "Subset", "check_splits", "from_folder", "from_hf", "from_manifest",
     "from_spec", "group_by_image", "load_group", "make_canvas", "read_mask", "split_sources", "train_val_split",
 ]

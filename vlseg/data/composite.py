@@ -11,7 +11,7 @@ only the words can tell it which tile is meant, so canvases teach and test that 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,19 +195,23 @@ class CompositeSampler:
         hard_rate: the chance that a later tile comes from a dataset whose classes look like those already on the
             canvas (``vlseg.prompts.hard_negatives``: polyp / skin lesion / breast tumor, vessels / membranes), when
             one is left: canvases where only the class name, not "the salient thing", tells the tiles apart.
+        loader: (dataset, group) -> (image, {class: mask}), as ``load_group`` gives them (the default); training
+            passes a ``GroupCache``, so a tile's image is decoded once, not on every canvas it is drawn for.
     Raises:
         ValueError: ``tiles`` out of range, or no two datasets may share a canvas.
     """
 
     def __init__(self, dataset: Any, seed: int = 0, tiles: tuple[int, int] = (2, 4), size: int = 512,
                  groups: Sequence[ImageGroup] | None = None, weights: Mapping[str, float] | None = None,
-                 hard_rate: float = 0.0):
+                 hard_rate: float = 0.0,
+                 loader: Callable[[Any, ImageGroup], tuple[np.ndarray, dict[str, np.ndarray]]] | None = None):
         lo, hi = tiles
         if not 2 <= lo <= hi <= 4:
             raise ValueError(f"tiles must be (lo, hi) with 2 <= lo <= hi <= 4, got {tiles}")
         if not 0.0 <= hard_rate <= 1.0:
             raise ValueError(f"hard_rate must be within [0, 1], got {hard_rate}")
         self.hard_rate = float(hard_rate)
+        self.loader = loader or (lambda ds, g: load_group(ds, g)[:2])
         self.dataset, self.seed, self.tiles, self.size = dataset, int(seed), (int(lo), int(hi)), int(size)
         self.groups = list(group_by_image(dataset) if groups is None else groups)
         self.by_dataset: dict[str, list[int]] = {}
@@ -261,7 +265,7 @@ class CompositeSampler:
             place: random cells and positions inside them (training); False gives centred tiles (evaluation).
         """
         groups, layout = self.pick(step, item)
-        loaded = [load_group(self.dataset, g)[:2] for g in groups]
+        loaded = [self.loader(self.dataset, g) for g in groups]
         rng = self._rng(step, item, _SALT_PLACE) if place else None
         return make_canvas(loaded, layout, self.size, rng=rng, sources=[g.key for g in groups],
                            datasets=[g.dataset for g in groups])

@@ -67,6 +67,7 @@ class TrainConfig:
     stop_after: StrictInt | None = None  # stop early at this step (the schedule still follows max_steps)
     grad_clip: float = 1.0
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"  # auto: bf16 where measured faster
+    memory_format: Literal["contiguous", "channels_last", "auto"] = "contiguous"  # auto: channels-last where faster
     seed: StrictInt = 0
     split_seed: StrictInt | None = None  # the train/val split's seed (None: ``seed``); fix it to vary only the training
     loss: dict[str, float] = field(default_factory=lambda: {"dice_weight": 1.0, "bce_weight": 1.0,
@@ -83,6 +84,7 @@ class TrainConfig:
     log_tensorboard: StrictBool = False
     threads: StrictInt | None = None  # CPU threads per process (default: the machine's cores / local processes)
     data_workers: StrictInt | None = None  # background processes building batches (default: 1 when >= 2 cores)
+    decode_cache_mb: StrictInt = 1024  # decoded training images kept per batch-building process (MiB; 0: none)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_every", "prompts_per_image"):
@@ -90,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.decode_cache_mb < 0:
+            raise ValueError(f"decode_cache_mb must be >= 0, got {self.decode_cache_mb}")
         for name in ("negative_rate", "hard_negative_rate", "composite_rate", "composite_hard_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

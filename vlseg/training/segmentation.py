@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import CompositeSampler, PairedAugment, group_by_image, load_group, split_sources
+from ..data import CompositeSampler, GroupCache, PairedAugment, group_by_image, split_sources
 from ..data.negatives import hard_subset, negative_candidates
 from ..evaluation import evaluate_dataset
 from ..features import ImageFeatures
@@ -23,8 +23,9 @@ class SegmentationBatcher:
     """Deterministic batches: step s draws its images, canvases, prompts and augmentations from (seed, s) only, so
     an interrupted run resumes on exactly the batches it would have seen, and every process takes its own slice.
 
-    Each batch item is one image (all its annotated classes, ``vlseg.data.load_group``) or, at
-    ``cfg.composite_rate``, a composite canvas of images from different datasets; it gets ``cfg.prompts_per_image``
+    Each batch item is one image (all its annotated classes, ``vlseg.data.load_group``; decoded images are kept up
+    to ``cfg.decode_cache_mb``) or, at ``cfg.composite_rate``, a composite canvas of images from different datasets;
+    it gets ``cfg.prompts_per_image``
     prompts: its present classes (each with its own mask as target, at a random prompt level) and, at
     ``cfg.negative_rate`` per slot, classes known to be absent (``vlseg.data.negatives``; at ``cfg.hard_negative_rate``
     the hard ones: look-alikes of the present classes and the classes the image is annotated without) with empty
@@ -43,10 +44,11 @@ class SegmentationBatcher:
             d = str(r.get("dataset", ""))
             if r["class_name"] not in self.context.get(d, ()):
                 self.context[d] = (*self.context.get(d, ()), str(r["class_name"]))
+        self.load = GroupCache(cfg.decode_cache_mb << 20)  # decoded images, shared by single items and canvas tiles
         self.canvases = None
         if cfg.composite_rate > 0:
             self.canvases = CompositeSampler(ds, seed=cfg.seed, tiles=tuple(cfg.composite_tiles),  # type: ignore[arg-type]
-                                             size=processor.size, hard_rate=cfg.composite_hard_rate)
+                                             size=processor.size, hard_rate=cfg.composite_hard_rate, loader=self.load)
 
     def _fit(self, image: np.ndarray, masks: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Resize an image (bilinear, antialiased) and its masks (nearest) to the processor's square input, as the
@@ -101,7 +103,7 @@ class SegmentationBatcher:
                 key = None  # never repeats: not cached
             else:
                 g = self.group_of[int(rng.choice(len(self.ds), p=self.p))]
-                image, masks, _ = load_group(self.ds, g)
+                image, masks = self.load(self.ds, g)
                 image, masks = self._fit(image, masks)  # to the model's input size first: augmenting is cheaper
                 present = [c for c, m in masks.items() if m.any()]
                 absent = [c for c, m in masks.items() if not m.any()]
