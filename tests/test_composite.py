@@ -24,6 +24,9 @@ def test_relations_file_names_only_library_classes():
 def test_hard_negatives_cross_dataset_look_alikes():
     assert {"skin lesion", "breast tumor", "foot ulcer"} <= set(hard_negatives("polyp"))
     assert "cell membranes" in hard_negatives("retinal blood vessels")
+    # colonoscopy and dermoscopy images show vessels of their own: retinal vessels are a hard negative there
+    assert "retinal blood vessels" in hard_negatives("polyp") and "retinal blood vessels" in hard_negatives("skin lesion")
+    assert "polyp" in hard_negatives("retinal blood vessels")
     assert "hook" in hard_negatives("grasper") and "heart ventricle left" in hard_negatives("liver")
     assert hard_negatives("rib left 9") == ["rib right 9"]
     assert hard_negatives("no such class") == []
