@@ -260,6 +260,8 @@ def test_memory_format_auto_is_measured(monkeypatch):
     choice, rep = P.choose_memory_format(model, None, [None, None], "cpu", bf16=False)
     assert choice == "channels_last" and rep["speedup"] == 1.1 and rep["contiguous_step_s"][3] == 1.0
     assert conv.weight.stride() == before  # the caller's model keeps its layout
+    monkeypatch.setattr(P, "_step_seconds", lambda m, t, b, bf16, d: 1.0 if channels_last(m) else 1.028)
+    assert P.choose_memory_format(model, None, None, "cpu", bf16=False)[0] == "channels_last"  # seed 2's reading
     monkeypatch.setattr(P, "_step_seconds", lambda m, t, b, bf16, d: 1.0)  # a tie keeps the default layout
     assert P.choose_memory_format(model, None, None, "cpu", bf16=False)[0] == "contiguous"
     linear_only = torch.nn.Sequential(torch.nn.Linear(3, 3))
