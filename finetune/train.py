@@ -86,17 +86,20 @@ def main(argv: list[str] | None = None) -> None:
     task = T.get_task(cfg.task or model.family.capabilities.task)
     train_ds, val_ds = task.datasets(cfg)
     batcher = task.batcher(model, train_ds, cfg, state.process_index, state.num_processes)
+    # batches for the speed measurements, built once on the main process: the layout's takes three, bf16's the first
+    probes = (3 if cfg.memory_format == "auto" else 1) if "auto" in (cfg.mixed_precision, cfg.memory_format) else 0
+    probe_batches = [batcher(i, state.device) for i in range(probes)] if state.is_main_process else []
     precision, precision_report = cfg.mixed_precision, None
     if precision == "auto":  # measured here, on the main process, and the same choice for every process
-        choice = [T.choose_mixed_precision(model, task, batcher(0, state.device), state.device)
+        choice = [T.choose_mixed_precision(model, task, probe_batches[0], state.device)
                   if state.is_main_process else None]
         precision, precision_report = broadcast_object_list(choice)[0] if state.num_processes > 1 else choice[0]
     layout, layout_report = cfg.memory_format, None
     if layout == "auto":  # measured under the chosen precision, on the main process, the same for every process
-        choice = [T.choose_memory_format(model, task, [batcher(i, state.device) for i in range(3)], state.device,
-                                         precision == "bf16")
+        choice = [T.choose_memory_format(model, task, probe_batches, state.device, precision == "bf16")
                   if state.is_main_process else None]
         layout, layout_report = broadcast_object_list(choice)[0] if state.num_processes > 1 else choice[0]
+    del probe_batches
     if layout == "channels_last":  # 4-D weights (and so the convolutions' activations) in NHWC; saved contiguous
         model.to(memory_format=torch.channels_last)
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum, cpu=multi_cpu)

@@ -66,6 +66,11 @@ def load_group(dataset: Any, group: ImageGroup) -> tuple[np.ndarray, dict[str, n
     return image, masks, list(samples)
 
 
+def _nbytes(item: tuple[np.ndarray, dict[str, np.ndarray]]) -> int:
+    image, masks = item
+    return image.nbytes + sum(m.nbytes for m in masks.values())
+
+
 class GroupCache:
     """``load_group`` that keeps the decoded arrays of the images it read last, up to ``max_bytes`` (the least
     recently used go first; 0 keeps nothing). Training draws the same images again and again, alone and as canvas
@@ -92,13 +97,11 @@ class GroupCache:
             self.misses += 1
             image, masks, _ = load_group(dataset, group)
             item = (image, masks)
-            size = image.nbytes + sum(m.nbytes for m in masks.values())
-            if size <= self.max_bytes:
+            if _nbytes(item) <= self.max_bytes:
                 self._items[key] = item
-                self.bytes += size
+                self.bytes += _nbytes(item)
                 while self.bytes > self.max_bytes:
-                    _, (old_image, old_masks) = self._items.popitem(last=False)
-                    self.bytes -= old_image.nbytes + sum(m.nbytes for m in old_masks.values())
+                    self.bytes -= _nbytes(self._items.popitem(last=False)[1])
         else:
             self.hits += 1
             self._items.move_to_end(key)

@@ -11,10 +11,10 @@ wins for a given model and machine)."""
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..precision import machine_info
@@ -110,8 +110,7 @@ def choose_memory_format(model: Any, task: Any, batches: Any, device: torch.devi
             if r:
                 rounds.append(t)
     del probes
-    ratios = sorted(t["contiguous"] / t["channels_last"] for t in rounds)
-    speedup = float(np.median(ratios))
+    speedup = statistics.median(t["contiguous"] / t["channels_last"] for t in rounds)
     choice = "channels_last" if speedup >= MIN_LAYOUT_SPEEDUP else "contiguous"
     return choice, {"contiguous_step_s": [round(t["contiguous"], 4) for t in rounds],
                     "channels_last_step_s": [round(t["channels_last"], 4) for t in rounds],

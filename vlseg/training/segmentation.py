@@ -25,8 +25,7 @@ class SegmentationBatcher:
 
     Each batch item is one image (all its annotated classes, ``vlseg.data.load_group``; decoded images are kept up
     to ``cfg.decode_cache_mb``) or, at ``cfg.composite_rate``, a composite canvas of images from different datasets;
-    it gets ``cfg.prompts_per_image``
-    prompts: its present classes (each with its own mask as target, at a random prompt level) and, at
+    it gets ``cfg.prompts_per_image`` prompts: its present classes (each with its own mask as target, at a random prompt level) and, at
     ``cfg.negative_rate`` per slot, classes known to be absent (``vlseg.data.negatives``; at ``cfg.hard_negative_rate``
     the hard ones: look-alikes of the present classes and the classes the image is annotated without) with empty
     targets. Items without a present class get only negatives.
