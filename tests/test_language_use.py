@@ -64,6 +64,31 @@ def test_oracle_passes_every_check():
     assert lu.summary_line(r).endswith("5/5 pass")
 
 
+def test_level_spread_made_by_the_presence_gate_shows():
+    """A model whose masks are right at every level but whose presence gate empties long prompts: the gated spread
+    is the share of prompts gated away, the ungated spread 0, and the summary line says so."""
+
+    def gates_long_prompts(image, prompts):
+        p = oracle(image, prompts)
+        long = np.array([len(t.split()) > 6 for t in prompts])
+        presence = np.where(long, 0.1, p.presence).astype(np.float32)
+        return vlseg.Prediction(masks=p.masks & ~long[:, None, None], probs=p.probs, presence=presence,
+                                has_presence_head=True)
+
+    ds = make_dataset(2)
+    r = lu.language_use_report(gates_long_prompts, ds, n_canvases=2, canvas_size=96)
+    lv = r["levels"]
+    assert all(v == 1.0 for v in lv["per_level_ungated"].values()) and lv["spread_ungated"] == 0.0
+    away = lv["gated_away_per_level"]
+    assert away["p1"] == 0.0 and away["p9"] == 1.0  # "polyp" is kept; p9 adds a definition sentence
+    for level, dice in lv["per_level"].items():  # a kept mask is exact, a gated one scores 0
+        assert dice == pytest.approx(1.0 - away[level])
+    assert lv["spread"] == pytest.approx(1.0) and lv["pass"] is False
+    assert "p1-p9 spread 100.0 pts (p1 Dice 1.000; 0.0 before the presence gate)" in lu.summary_line(r)
+    assert "before the presence gate" in lu.summary_line(lu.language_use_report(oracle, ds, n_canvases=2,
+                                                                                canvas_size=96))
+
+
 def test_wrong_classes_are_safe_and_deterministic():
     ds = make_dataset(2)
     groups = lu.select_groups(ds, max_images=None, seed=0)

@@ -105,16 +105,19 @@ class _Out:
     mask: np.ndarray  # (H, W) bool, as the model outputs it (presence-gated)
     presence: float
     max_prob: float
+    ungated: np.ndarray  # (H, W) bool, pixel probabilities above the pixel threshold, whatever the presence says
 
 
-def _call(fn: PredictFn, image: np.ndarray, prompts: Sequence[str]) -> tuple[dict[str, _Out], bool]:
+def _call(fn: PredictFn, image: np.ndarray, prompts: Sequence[str], pixel_threshold: float = 0.5
+          ) -> tuple[dict[str, _Out], bool]:
     """One model call for the unique prompts -> (prompt -> output, has_presence_head)."""
     unique = list(dict.fromkeys(prompts))
     p = fn(image, unique)
     if p.masks.shape[0] != len(unique):
         raise ValueError(f"the model returned {p.masks.shape[0]} masks for {len(unique)} prompts")
     out = {t: _Out(mask=np.asarray(p.masks[k], bool), presence=float(p.presence[k]),
-                   max_prob=float(np.max(p.probs[k])) if p.probs[k].size else 0.0) for k, t in enumerate(unique)}
+                   max_prob=float(np.max(p.probs[k])) if p.probs[k].size else 0.0,
+                   ungated=np.asarray(p.probs[k]) > pixel_threshold) for k, t in enumerate(unique)}
     return out, bool(p.has_presence_head)
 
 
@@ -273,8 +276,8 @@ def choose_presence_threshold(scores: Sequence[float] | np.ndarray, labels: Sequ
 
 
 # ----------------------------------------------------------------------------- the checks
-def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_prompt: bool
-                ) -> tuple[dict[str, list[dict[str, Any]]], bool]:
+def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_prompt: bool,
+                pixel_threshold: float = 0.5) -> tuple[dict[str, list[dict[str, Any]]], bool]:
     """One model call per image for every per-image check -> rows per check, has_presence_head."""
     rows: dict[str, list[dict[str, Any]]] = {"presence": [], "levels": [], "own_other": [], "class_vs_empty": []}
     head = False
@@ -284,7 +287,7 @@ def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_promp
         lv = {(c, lvl): (generate(it.masks[c], c, lvl) or c) for c in it.present for lvl in LEVELS} if levels else {}
         wrong = {c: _p1(c, shape=hw) for c, _ in it.wrong}
         prompts = [*p1.values(), *lv.values(), *wrong.values()] + ([""] if empty_prompt else [])
-        out, h = _call(fn, it.image, prompts)
+        out, h = _call(fn, it.image, prompts, pixel_threshold)
         head = head or h
         base = {"dataset": it.dataset, "image": it.key}
         for c in it.masks:
@@ -297,7 +300,10 @@ def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_promp
             rows["presence"].append({**base, "class": c, "label": False, "kind": f"wrong_{kind}",
                                      "score": o.presence, "max_prob": o.max_prob, "empty": not o.mask.any()})
         for (c, lvl), text in lv.items():
-            rows["levels"].append({**base, "class": c, "level": lvl, "dice": dice(out[text].mask, it.masks[c])})
+            o = out[text]
+            rows["levels"].append({**base, "class": c, "level": lvl, "dice": dice(o.mask, it.masks[c]),
+                                   "dice_ungated": dice(o.ungated, it.masks[c]),
+                                   "gated_away": bool(o.ungated.any() and not o.mask.any())})
         for c in it.present:
             others = [o for o in it.present if not is_relative(o, c)]
             if others:
@@ -392,10 +398,20 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     own_other = {"per_dataset": per, "target": OWN_OTHER_RATIO_MIN,
                  "pass": None if not per else all(v["pass"] for v in per.values())}
 
-    per_level = {lv: _mean(r["dice"] for r in rows["levels"] if r["level"] == lv) for lv in LEVELS}
-    vals = [v for v in per_level.values() if v is not None]
-    spread = float(max(vals) - min(vals)) if vals else None
-    levels = {"per_level": per_level, "spread": spread, "n": len(rows["levels"]), "target": LEVEL_SPREAD_MAX,
+    def by_level(key: str) -> dict[str, float | None]:
+        return {lv: _mean(float(r[key]) for r in rows["levels"] if r["level"] == lv) for lv in LEVELS}
+
+    def spread_of(per: dict[str, float | None]) -> float | None:
+        vals = [v for v in per.values() if v is not None]
+        return float(max(vals) - min(vals)) if vals else None
+
+    per_level, ungated = by_level("dice"), by_level("dice_ungated")
+    spread = spread_of(per_level)
+    # The same masks before the presence gate: tells a spread made by the gate (long prompts scoring lower
+    # presence) from one made by the masks themselves.
+    levels = {"per_level": per_level, "spread": spread, "per_level_ungated": ungated,
+              "spread_ungated": spread_of(ungated), "gated_away_per_level": by_level("gated_away"),
+              "n": len(rows["levels"]), "target": LEVEL_SPREAD_MAX,
               "pass": None if spread is None else spread <= LEVEL_SPREAD_MAX}
 
     ce = rows["class_vs_empty"]
@@ -449,12 +465,15 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
     Returns:
         {"wrong_class", "presence", "composite", "own_other", "levels", "class_vs_empty", "n_images",
         "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
-        its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images).
+        its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images). ``levels`` also
+        gives the same prompts' Dice before the presence gate (``per_level_ungated``, ``spread_ungated``) and the
+        share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows.
     """
     fn = as_predict_fn(model, predict_kwargs)
     groups = select_groups(dataset, max_images, seed)
     items = list(_items(dataset, groups, seed, False))
-    rows, head = _image_rows(fn, _progress(items, progress, "language use: images"), levels, True)
+    pixel_threshold = float(dict(predict_kwargs or {}).get("threshold", 0.5))
+    rows, head = _image_rows(fn, _progress(items, progress, "language use: images"), levels, True, pixel_threshold)
     n_canvases = min(64, max(1, len(items) // 2)) if n_canvases is None else n_canvases
     canvas, note, examples = _canvas_rows(fn, dataset, groups, seed, n_canvases, canvas_tiles, canvas_size, progress,
                                           canvas_examples)
@@ -489,13 +508,15 @@ def summary_line(report: Mapping[str, Any]) -> str:
     ratios = ", ".join(f"{d} {v['ratio']:.1f}x" for d, v in oo["per_dataset"].items()) or "n/a"
     spread = "n/a" if lv["spread"] is None else f"{100 * lv['spread']:.1f} pts"
     p1 = lv["per_level"].get("p1")
+    ug = lv.get("spread_ungated")  # absent from reports written before it was added
+    before_gate = "" if ug is None or not pr.get("has_presence_head") else f"; {100 * ug:.1f} before the presence gate"
     return (f"language use: wrong-class empty {_pct(wc['empty_rate'])} (true kept {_pct(wc.get('true_kept_rate'))})"
             f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
             f" | presence AUROC {auc} [>={PRESENCE_AUROC_MIN} {_ok(pr['pass'])}]"
             f" | canvas gain {gain}, leak {_pct(cp['leak'])} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%}"
             f" {_ok(cp['pass'])}]"
             f" | own/other {ratios} [>={OWN_OTHER_RATIO_MIN:g}x {_ok(oo['pass'])}]"
-            f" | p1-p9 spread {spread} (p1 Dice {'n/a' if p1 is None else f'{p1:.3f}'})"
+            f" | p1-p9 spread {spread} (p1 Dice {'n/a' if p1 is None else f'{p1:.3f}'}{before_gate})"
             f" [<={100 * LEVEL_SPREAD_MAX:g} pts {_ok(lv['pass'])}]"
             f" | {report['n_pass']}/{report['n_checks']} pass")
 
@@ -511,7 +532,7 @@ def presence_calibration(model: Any, dataset: Any, seed: int = 0, max_images: in
     pixel_threshold = float(kw.get("threshold", 0.5))
     fn = as_predict_fn(model, kw)
     items = _items(dataset, select_groups(dataset, max_images, seed), seed, progress)
-    rows, head = _image_rows(fn, items, levels=False, empty_prompt=False)
+    rows, head = _image_rows(fn, items, levels=False, empty_prompt=False, pixel_threshold=pixel_threshold)
     pres = rows["presence"]
     labels = [r["label"] for r in pres]
     scores = [r["score"] for r in pres]
