@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     train_ds, val_ds = task.datasets(cfg)
     batcher = task.batcher(model, train_ds, cfg, state.process_index, state.num_processes)
     # batches for the speed measurements, built once on the main process: the layout's takes three, bf16's the first
-    probes = (3 if cfg.memory_format == "auto" else 1) if "auto" in (cfg.mixed_precision, cfg.memory_format) else 0
+    probes = 3 if cfg.memory_format == "auto" else 1 if cfg.mixed_precision == "auto" else 0
     probe_batches = [batcher(i, state.device) for i in range(probes)] if state.is_main_process else []
     precision, precision_report = cfg.mixed_precision, None
     if precision == "auto":  # measured here, on the main process, and the same choice for every process

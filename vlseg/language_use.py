@@ -108,6 +108,11 @@ class _Out:
     ungated: np.ndarray  # (H, W) bool, pixel probabilities above the pixel threshold, whatever the presence says
 
 
+def _pixel_threshold(predict_kwargs: Mapping[str, Any] | None) -> float:
+    """The pixel threshold ``predict`` applies with these kwargs (its default, 0.5, unless they set one)."""
+    return float(dict(predict_kwargs or {}).get("threshold", 0.5))
+
+
 def _call(fn: PredictFn, image: np.ndarray, prompts: Sequence[str], pixel_threshold: float = 0.5
           ) -> tuple[dict[str, _Out], bool]:
     """One model call for the unique prompts -> (prompt -> output, has_presence_head)."""
@@ -472,8 +477,8 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
     fn = as_predict_fn(model, predict_kwargs)
     groups = select_groups(dataset, max_images, seed)
     items = list(_items(dataset, groups, seed, False))
-    pixel_threshold = float(dict(predict_kwargs or {}).get("threshold", 0.5))
-    rows, head = _image_rows(fn, _progress(items, progress, "language use: images"), levels, True, pixel_threshold)
+    rows, head = _image_rows(fn, _progress(items, progress, "language use: images"), levels, True,
+                             _pixel_threshold(predict_kwargs))
     n_canvases = min(64, max(1, len(items) // 2)) if n_canvases is None else n_canvases
     canvas, note, examples = _canvas_rows(fn, dataset, groups, seed, n_canvases, canvas_tiles, canvas_size, progress,
                                           canvas_examples)
@@ -529,7 +534,7 @@ def presence_calibration(model: Any, dataset: Any, seed: int = 0, max_images: in
     ``auroc``, ``n_positive``, ``n_negative``. Only a presence head is gated by the threshold in
     ``segment``/``predict``; without one the number is reported but has no effect."""
     kw = dict(predict_kwargs or {})
-    pixel_threshold = float(kw.get("threshold", 0.5))
+    pixel_threshold = _pixel_threshold(kw)
     fn = as_predict_fn(model, kw)
     items = _items(dataset, select_groups(dataset, max_images, seed), seed, progress)
     rows, head = _image_rows(fn, items, levels=False, empty_prompt=False, pixel_threshold=pixel_threshold)

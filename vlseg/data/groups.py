@@ -97,9 +97,10 @@ class GroupCache:
             self.misses += 1
             image, masks, _ = load_group(dataset, group)
             item = (image, masks)
-            if _nbytes(item) <= self.max_bytes:
+            size = _nbytes(item)
+            if size <= self.max_bytes:
                 self._items[key] = item
-                self.bytes += _nbytes(item)
+                self.bytes += size
                 while self.bytes > self.max_bytes:
                     self.bytes -= _nbytes(self._items.popitem(last=False)[1])
         else:
