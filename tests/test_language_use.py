@@ -28,6 +28,7 @@ def test_prompt_ignoring_model_is_caught():
     assert r["presence"]["auroc"] == pytest.approx(0.5)  # the same score for every prompt
     assert r["class_vs_empty"]["gain"] == pytest.approx(0.0)  # alone in its image, the object is all there is
     assert r["levels"]["spread"] == pytest.approx(0.0)
+    assert all(v == 0.0 for v in r["levels"]["wrong_class_empty_per_level"].values())  # at no level either
     assert r["own_other"]["pass"] is None  # no multi-class images: not run
     assert r["pass"] is False
     line = lu.summary_line(r)
@@ -84,7 +85,7 @@ def test_level_spread_made_by_the_presence_gate_shows():
     for level, dice in lv["per_level"].items():  # a kept mask is exact, a gated one scores 0
         assert dice == pytest.approx(1.0 - away[level])
     assert lv["spread"] == pytest.approx(1.0) and lv["pass"] is False
-    assert "p1-p9 spread 100.0 pts (p1 Dice 1.000; 0.0 before the presence gate)" in lu.summary_line(r)
+    assert "p1-p9 spread 100.0 pts (p1 Dice 1.000; 0.0 before the presence gate;" in lu.summary_line(r)
     assert "before the presence gate" in lu.summary_line(lu.language_use_report(oracle, ds, n_canvases=2,
                                                                                 canvas_size=96))
 
@@ -180,3 +181,24 @@ def test_predict_fn_batches_prompts_and_allows_the_empty_prompt():
         assert math.isnan(p.presence[1])  # "" went through segment, which gives no presence
     with pytest.raises(TypeError, match="VLSegModel or a callable"):
         lu.as_predict_fn(object())
+
+
+def test_wrong_class_at_every_level_is_checked():
+    """A model that empties wrong-class names but segments everything for long prompts: the wrong-class check (class
+    names) sees nothing wrong, the per-level figure does, and the summary line gives its range."""
+
+    def fooled_by_long_prompts(image, prompts):
+        p, every = oracle(image, prompts), ignores_prompt(image, prompts)
+        long = np.array([len(t.split()) > 6 for t in prompts])
+        masks = np.where(long[:, None, None], every.masks, p.masks)
+        return vlseg.Prediction(masks=masks, probs=masks.astype(np.float32),
+                                presence=np.where(long, 0.9, p.presence).astype(np.float32), has_presence_head=True)
+
+    ds = make_dataset(2)
+    r = lu.language_use_report(fooled_by_long_prompts, ds, n_canvases=2, canvas_size=96)
+    assert r["wrong_class"]["empty_rate"] == 1.0 and r["wrong_class"]["pass"] is True
+    per = r["levels"]["wrong_class_empty_per_level"]
+    assert per["p1"] == 1.0 and per["p9"] == 0.0  # p9 adds a definition sentence: always long
+    assert "wrong class emptied 0-100% over the levels" in lu.summary_line(r)
+    assert all(v == 1.0 for v in lu.language_use_report(oracle, ds, n_canvases=2, canvas_size=96)["levels"][
+        "wrong_class_empty_per_level"].values())

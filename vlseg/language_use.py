@@ -284,14 +284,17 @@ def choose_presence_threshold(scores: Sequence[float] | np.ndarray, labels: Sequ
 def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_prompt: bool,
                 pixel_threshold: float = 0.5) -> tuple[dict[str, list[dict[str, Any]]], bool]:
     """One model call per image for every per-image check -> rows per check, has_presence_head."""
-    rows: dict[str, list[dict[str, Any]]] = {"presence": [], "levels": [], "own_other": [], "class_vs_empty": []}
+    rows: dict[str, list[dict[str, Any]]] = {"presence": [], "levels": [], "levels_wrong": [], "own_other": [],
+                                             "class_vs_empty": []}
     head = False
     for it in items:
         hw = it.image.shape[:2]
         p1 = {c: _p1(c, m) for c, m in it.masks.items()}
         lv = {(c, lvl): (generate(it.masks[c], c, lvl) or c) for c in it.present for lvl in LEVELS} if levels else {}
         wrong = {c: _p1(c, shape=hw) for c, _ in it.wrong}
-        prompts = [*p1.values(), *lv.values(), *wrong.values()] + ([""] if empty_prompt else [])
+        lvw = {(c, lvl): (generate(np.zeros(hw, bool), c, lvl) or c) for c, _ in it.wrong for lvl in LEVELS} \
+            if levels else {}
+        prompts = [*p1.values(), *lv.values(), *wrong.values(), *lvw.values()] + ([""] if empty_prompt else [])
         out, h = _call(fn, it.image, prompts, pixel_threshold)
         head = head or h
         base = {"dataset": it.dataset, "image": it.key}
@@ -309,6 +312,8 @@ def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_promp
             rows["levels"].append({**base, "class": c, "level": lvl, "dice": dice(o.mask, it.masks[c]),
                                    "dice_ungated": dice(o.ungated, it.masks[c]),
                                    "gated_away": bool(o.ungated.any() and not o.mask.any())})
+        for (c, lvl), text in lvw.items():
+            rows["levels_wrong"].append({**base, "class": c, "level": lvl, "empty": not out[text].mask.any()})
         for c in it.present:
             others = [o for o in it.present if not is_relative(o, c)]
             if others:
@@ -403,8 +408,8 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     own_other = {"per_dataset": per, "target": OWN_OTHER_RATIO_MIN,
                  "pass": None if not per else all(v["pass"] for v in per.values())}
 
-    def by_level(key: str) -> dict[str, float | None]:
-        return {lv: _mean(float(r[key]) for r in rows["levels"] if r["level"] == lv) for lv in LEVELS}
+    def by_level(key: str, which: str = "levels") -> dict[str, float | None]:
+        return {lv: _mean(float(r[key]) for r in rows[which] if r["level"] == lv) for lv in LEVELS}
 
     def spread_of(per: dict[str, float | None]) -> float | None:
         vals = [v for v in per.values() if v is not None]
@@ -416,6 +421,8 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     # presence) from one made by the masks themselves.
     levels = {"per_level": per_level, "spread": spread, "per_level_ungated": ungated,
               "spread_ungated": spread_of(ungated), "gated_away_per_level": by_level("gated_away"),
+              # the gate must still empty wrong-class prompts phrased at every level, not only class names
+              "wrong_class_empty_per_level": by_level("empty", "levels_wrong"),
               "n": len(rows["levels"]), "target": LEVEL_SPREAD_MAX,
               "pass": None if spread is None else spread <= LEVEL_SPREAD_MAX}
 
@@ -472,7 +479,9 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
         its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images). ``levels`` also
         gives the same prompts' Dice before the presence gate (``per_level_ungated``, ``spread_ungated``) and the
-        share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows.
+        share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows, and
+        the share of wrong-class prompts phrased at each level that give an empty mask
+        (``wrong_class_empty_per_level``: the wrong-class check itself asks class names only).
     """
     fn = as_predict_fn(model, predict_kwargs)
     groups = select_groups(dataset, max_images, seed)
@@ -514,14 +523,17 @@ def summary_line(report: Mapping[str, Any]) -> str:
     spread = "n/a" if lv["spread"] is None else f"{100 * lv['spread']:.1f} pts"
     p1 = lv["per_level"].get("p1")
     ug = lv.get("spread_ungated")  # absent from reports written before it was added
-    before_gate = "" if ug is None or not pr.get("has_presence_head") else f"; {100 * ug:.1f} before the presence gate"
+    notes = "" if ug is None or not pr.get("has_presence_head") else f"; {100 * ug:.1f} before the presence gate"
+    wl = [v for v in (lv.get("wrong_class_empty_per_level") or {}).values() if v is not None]  # idem
+    if wl:
+        notes += f"; wrong class emptied {100 * min(wl):.0f}-{100 * max(wl):.0f}% over the levels"
     return (f"language use: wrong-class empty {_pct(wc['empty_rate'])} (true kept {_pct(wc.get('true_kept_rate'))})"
             f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
             f" | presence AUROC {auc} [>={PRESENCE_AUROC_MIN} {_ok(pr['pass'])}]"
             f" | canvas gain {gain}, leak {_pct(cp['leak'])} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%}"
             f" {_ok(cp['pass'])}]"
             f" | own/other {ratios} [>={OWN_OTHER_RATIO_MIN:g}x {_ok(oo['pass'])}]"
-            f" | p1-p9 spread {spread} (p1 Dice {'n/a' if p1 is None else f'{p1:.3f}'}{before_gate})"
+            f" | p1-p9 spread {spread} (p1 Dice {'n/a' if p1 is None else f'{p1:.3f}'}{notes})"
             f" [<={100 * LEVEL_SPREAD_MAX:g} pts {_ok(lv['pass'])}]"
             f" | {report['n_pass']}/{report['n_checks']} pass")
 
