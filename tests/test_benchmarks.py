@@ -35,6 +35,14 @@ def test_quick_benchmark_writes_every_case(tmp_path):
     assert data["memory"] and all(m.get("peak_mb", 0) > m.get("baseline_mb", 0) > 0 for m in data["memory"])
     assert {t["target"] for t in data["targets"]} >= {"one prompt vs transformers fp32"}
     assert "| k_prompts_4 |" in r.stdout and "| target |" in r.stdout
+    from vlseg.precision import machine_info
+
+    refs = {c["name"] for c in data["cases"] if c["name"].startswith("single_prompt_auto_vs_hf_")}
+    if machine_info("cpu").cpu_bf16:  # the emulated-bf16 reference is left out of --quick only where bf16 is not native
+        assert "single_prompt_auto_vs_hf_bf16-autocast" in refs and "skipped" not in data
+    else:
+        assert "single_prompt_auto_vs_hf_bf16-autocast" not in refs and "bf16-autocast" in data["skipped"][0]
+        assert "Skipped: transformers bf16-autocast reference" in r.stdout
 
 
 def test_folder_target_is_judged_only_on_a_100_image_folder():
