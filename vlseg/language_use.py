@@ -281,6 +281,13 @@ def choose_presence_threshold(scores: Sequence[float] | np.ndarray, labels: Sequ
 
 
 # ----------------------------------------------------------------------------- the checks
+def _presence_row(base: dict[str, Any], class_name: str, label: bool, kind: str, o: _Out) -> dict[str, Any]:
+    """One prompt's presence row: its score, and whether its mask has pixels before (``nonempty``) and after
+    (not ``empty``) the presence gate."""
+    return {**base, "class": class_name, "label": label, "kind": kind, "score": o.presence, "max_prob": o.max_prob,
+            "nonempty": bool(o.ungated.any()), "empty": not o.mask.any()}
+
+
 def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_prompt: bool,
                 pixel_threshold: float = 0.5) -> tuple[dict[str, list[dict[str, Any]]], bool]:
     """One model call per image for every per-image check -> rows per check, has_presence_head."""
@@ -299,14 +306,10 @@ def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_promp
         head = head or h
         base = {"dataset": it.dataset, "image": it.key}
         for c in it.masks:
-            o = out[p1[c]]
-            rows["presence"].append({**base, "class": c, "label": c in it.present, "kind": "present" if c in it.present
-                                     else "absent", "score": o.presence, "max_prob": o.max_prob,
-                                     "empty": not o.mask.any()})
+            rows["presence"].append(_presence_row(base, c, c in it.present,
+                                                  "present" if c in it.present else "absent", out[p1[c]]))
         for c, kind in it.wrong:
-            o = out[wrong[c]]
-            rows["presence"].append({**base, "class": c, "label": False, "kind": f"wrong_{kind}",
-                                     "score": o.presence, "max_prob": o.max_prob, "empty": not o.mask.any()})
+            rows["presence"].append(_presence_row(base, c, False, f"wrong_{kind}", out[wrong[c]]))
         for (c, lvl), text in lv.items():
             o = out[text]
             rows["levels"].append({**base, "class": c, "level": lvl, "dice": dice(o.mask, it.masks[c]),
@@ -553,7 +556,7 @@ def presence_calibration(model: Any, dataset: Any, seed: int = 0, max_images: in
     pres = rows["presence"]
     labels = [r["label"] for r in pres]
     scores = [r["score"] for r in pres]
-    out = choose_presence_threshold(scores, labels, [r["max_prob"] > pixel_threshold for r in pres],
+    out = choose_presence_threshold(scores, labels, [r["nonempty"] for r in pres],
                                     min_specificity, min_sensitivity)
     out.update(has_presence_head=head, auroc=auroc(labels, scores), n_positive=int(sum(labels)),
                n_negative=int(len(labels) - sum(labels)))
