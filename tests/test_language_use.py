@@ -202,3 +202,30 @@ def test_wrong_class_at_every_level_is_checked():
     assert "wrong class emptied 0-100% over the levels" in lu.summary_line(r)
     assert all(v == 1.0 for v in lu.language_use_report(oracle, ds, n_canvases=2, canvas_size=96)["levels"][
         "wrong_class_empty_per_level"].values())
+
+
+def test_per_dataset_present_leaves_out_images_annotated_without_their_class(monkeypatch):
+    """evaluate_dataset's per_dataset averages in an image annotated without its class (a normal scan: Dice 0 for
+    any mask); per_dataset_present scores only the images where the class is there."""
+    from vlseg import evaluation
+    from vlseg.data.schema import Sample
+
+    def marks_a_square(model, image, prompts, **kw):  # a 12x12 square whatever is asked
+        m = np.zeros((len(prompts), *image.shape[:2]), bool)
+        m[:, 4:16, 4:16] = True
+        return m
+
+    monkeypatch.setattr(evaluation, "segment", marks_a_square)
+    img = np.zeros((32, 32, 3), np.uint8)
+    tumour = np.zeros((32, 32), bool)
+    tumour[4:16, 10:22] = True  # overlaps half the square: Dice 2 * 72 / (144 + 144) = 0.5
+    ds = [Sample(img, tumour, "breast tumor", dataset="busi"),
+          Sample(img, np.zeros((32, 32), bool), "breast tumor", dataset="busi", negative=True),
+          Sample(img, tumour, "polyp", dataset="cvc")]
+    summary, rows = evaluation.evaluate_dataset(None, ds, levels=("p1",))
+    assert sorted(r["dice"] for r in rows if r["dataset"] == "busi") == pytest.approx([0.0, 0.5])
+    assert summary["per_dataset"]["busi"]["dice"] == pytest.approx(0.25) and summary["per_dataset"]["busi"]["n"] == 2
+    assert summary["per_dataset_present"]["busi"]["dice"] == pytest.approx(0.5)
+    assert summary["per_dataset_present"]["busi"]["n"] == 1
+    assert summary["per_dataset_present"]["cvc"] == summary["per_dataset"]["cvc"]
+    assert "all" not in summary["per_dataset_present"]

@@ -23,7 +23,10 @@ def evaluate_dataset(model: Any, dataset: Any, levels: Sequence[str] = ("p1",), 
                      seed: int = 0, ablations: bool = False, keep_predictions: bool = False,
                      progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Returns (summary, rows). ``rows`` hold one entry per (image, level[, ablation]) with Dice, IoU, HD95, NSD;
-    ``summary`` has ``all``, ``per_dataset``, ``per_level`` and (with ``ablations``) ``ablations`` means."""
+    ``summary`` has ``all``, ``per_dataset``, ``per_dataset_present`` (only the images where the prompted class is
+    present: BUSI's normal scans, say, are left out; an image annotated without its class scores 1 for an empty
+    mask and 0 for any other, which ``per_dataset`` averages in), ``per_level`` and (with ``ablations``)
+    ``ablations`` means."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
     order = np.random.default_rng(seed).permutation(len(dataset))[:n]
     rng = random.Random(seed)
@@ -66,7 +69,9 @@ def evaluate_dataset(model: Any, dataset: Any, levels: Sequence[str] = ("p1",), 
             abl.append({**base, "ablation": name, "prompt": text, **M.all_metrics(masks[k], s.mask, s.spacing)})
     summary: dict[str, Any] = {"all": M.aggregate(rows)["all"], "per_dataset": M.aggregate(rows, "dataset"),
                                "per_level": M.aggregate(rows, "level")}
-    summary["per_dataset"].pop("all", None)
+    summary["per_dataset_present"] = M.aggregate([r for r in rows if not r["negative"]], "dataset")
+    for key in ("per_dataset", "per_dataset_present"):
+        summary[key].pop("all", None)
     summary["per_level"].pop("all", None)
     if ablations:
         correct = [r for r in rows if r["level"] == levels[0]]
