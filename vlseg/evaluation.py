@@ -70,9 +70,8 @@ def evaluate_dataset(model: Any, dataset: Any, levels: Sequence[str] = ("p1",), 
     summary: dict[str, Any] = {"all": M.aggregate(rows)["all"], "per_dataset": M.aggregate(rows, "dataset"),
                                "per_level": M.aggregate(rows, "level")}
     summary["per_dataset_present"] = M.aggregate([r for r in rows if not r["negative"]], "dataset")
-    for key in ("per_dataset", "per_dataset_present"):
+    for key in ("per_dataset", "per_dataset_present", "per_level"):
         summary[key].pop("all", None)
-    summary["per_level"].pop("all", None)
     if ablations:
         correct = [r for r in rows if r["level"] == levels[0]]
         summary["ablations"] = {"correct": M.aggregate(correct)["all"]}
