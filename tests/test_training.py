@@ -199,6 +199,46 @@ def test_own_absent_class_is_a_hard_negative():
     assert len(asked) > 60 and 0.35 < np.mean(asked) < 0.7
 
 
+def test_absent_image_weight_draws_normal_scans_more_often_and_keeps_dataset_shares():
+    """Rows of an image annotated without its class (a normal scan: every row ``negative``) get ``factor`` times the
+    weight of their dataset's other rows, the dataset's total unchanged; the batcher then draws it that much more."""
+    from synthetic_data import ArrayDataset, rows_for, square
+
+    from vlseg.data import group_by_image, reweight_absent_images
+
+    busi = []
+    for i in range(3):
+        busi += rows_for("busi", f"b{i}", 32, 32, {"breast tumor": square(32, 32, 8, 8, 10)})
+    busi += [{**r, "negative": True} for r in rows_for("busi", "normal", 32, 32, {"breast tumor": np.zeros((32, 32), bool)})]
+    other = rows_for("ph2", "s0", 32, 32, {"skin lesion": square(32, 32, 4, 4, 8)}) + \
+        rows_for("ph2", "s1", 32, 32, {"skin lesion": square(32, 32, 6, 6, 8)})
+    ds = vlseg.data.PooledDataset({"busi": ArrayDataset(busi), "ph2": ArrayDataset(other)}, weights={"busi": 2, "ph2": 1})
+    groups = group_by_image(ds)
+    base = np.asarray(ds.item_weights())
+    w = reweight_absent_images(base, ds, groups, 3.0)
+    normal = [i for g in groups if g.key.endswith("#normal") for i in g.indices]
+    assert normal == [3] and base[3] == pytest.approx(2 / 3 / 4)
+    assert w[3] == pytest.approx(2 / 3 * 3 / 6) and w[0] == w[1] == w[2] == pytest.approx(2 / 3 / 6)  # 3 : 1 within BUSI
+    assert w[:4].sum() == pytest.approx(2 / 3) and np.array_equal(w[4:], base[4:])  # shares unchanged
+    assert np.array_equal(reweight_absent_images(base, ds, groups, 1.0), base)
+    with pytest.raises(ValueError, match="> 0"):
+        reweight_absent_images(base, ds, groups, 0.0)
+    with pytest.raises(ValueError, match="absent_image_weight"):
+        T.load_config(None, ["data=[{manifest: unused.jsonl}]", "absent_image_weight=-1"])
+
+    proc = vlseg.create_model("tiny-test", pretrained=False).processor
+    drawn = {}
+    for factor in (1.0, 4.0):
+        cfg = T.load_config(None, ["data=[{manifest: unused.jsonl}]", "batch_size=8", "composite_rate=0", "augment=null",
+                                   f"absent_image_weight={factor}", "prompt_levels=[p1]"])
+        batcher = T.get_task("segmentation").batcher(type("M", (), {"processor": proc})(), ds, cfg, 0, 1)
+        keys = [k for step in range(40) for k in batcher(step, "cpu").keys]
+        drawn[factor] = (sum("#normal" in k for k in keys), sum(k.startswith("ph2#") for k in keys))
+    (n1, p1), (n4, p4) = drawn[1.0], drawn[4.0]
+    # 320 draws, BUSI 2/3 of them: the normal scan 1/4 of BUSI's draws, then 4/7 (expected 53 -> 122); PH2 ~107 both
+    assert abs(n1 - 320 * 2 / 3 / 4) < 18 and abs(n4 - 320 * 2 / 3 * 4 / 7) < 25 and abs(p4 - p1) < 25
+
+
 def test_mixed_precision_auto_is_measured(monkeypatch):
     from vlseg.training import precision as P
 

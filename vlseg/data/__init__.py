@@ -13,7 +13,7 @@ from .datasets import (
     from_manifest,
     train_val_split,
 )
-from .groups import GroupCache, ImageGroup, group_by_image, load_group
+from .groups import GroupCache, ImageGroup, group_by_image, is_absent_image, load_group, reweight_absent_images
 from .schema import Sample
 from .specs import from_spec, split_sources
 from .transforms import PairedAugment
@@ -22,5 +22,6 @@ from .validate import DataError, check_splits, read_mask
 __all__ = [
     "Canvas", "CompositeSampler", "DataError", "FileDataset", "GroupCache", "HFDataset", "ImageGroup", "PairedAugment",
     "PooledDataset", "Sample", "SampleDataset", "Subset", "check_splits", "from_folder", "from_hf", "from_manifest",
-    "from_spec", "group_by_image", "load_group", "make_canvas", "read_mask", "split_sources", "train_val_split",
+    "from_spec", "group_by_image", "is_absent_image", "load_group", "make_canvas", "read_mask", "reweight_absent_images",
+    "split_sources", "train_val_split",
 ]

@@ -51,6 +51,43 @@ def group_by_image(dataset: Any) -> list[ImageGroup]:
     return out
 
 
+def is_absent_image(dataset: Any, group: ImageGroup) -> bool:
+    """True when every row of the image says its class is absent (``negative`` or ``empty`` in the manifest): a
+    normal scan, annotated without the structure its dataset is about. Read from the records, no decoding."""
+    return all(bool(dataset.records[i].get("negative") or dataset.records[i].get("empty")) for i in group.indices)
+
+
+def reweight_absent_images(weights: Sequence[float] | np.ndarray, dataset: Any, groups: Sequence[ImageGroup],
+                           factor: float) -> np.ndarray:
+    """Per-row sampling weights with the rows of absent-class images (``is_absent_image``) ``factor`` times as
+    likely as the other rows of their dataset, each dataset's total unchanged (so its share of the batches holds).
+
+    Args:
+        weights: (N,) per-row weights (e.g. ``PooledDataset.item_weights()``), N = len(dataset.records).
+        groups: ``group_by_image(dataset)``.
+        factor: > 0; 1 returns the weights unchanged.
+    Returns:
+        (N,) float64 weights.
+    """
+    w = np.asarray(weights, dtype=np.float64).copy()
+    if not factor > 0:
+        raise ValueError(f"absent-image weight factor must be > 0, got {factor}")
+    if len(w) != len(dataset.records):
+        raise ValueError(f"{len(w)} weights for {len(dataset.records)} rows")
+    if factor == 1.0:
+        return w
+    scaled = w.copy()
+    for g in groups:
+        if is_absent_image(dataset, g):
+            scaled[list(g.indices)] *= factor
+    for d in {g.dataset for g in groups}:
+        rows = [i for g in groups if g.dataset == d for i in g.indices]
+        before, after = w[rows].sum(), scaled[rows].sum()
+        if after > 0:
+            scaled[rows] *= before / after
+    return scaled
+
+
 def load_group(dataset: Any, group: ImageGroup) -> tuple[np.ndarray, dict[str, np.ndarray], list[Sample]]:
     """-> (image (H, W, 3) uint8, {class name: (H, W) bool mask}, the samples). Negative rows give empty masks.
 
@@ -110,4 +147,4 @@ class GroupCache:
         return image.copy(), {c: m.copy() for c, m in masks.items()}
 
 
-__all__ = ["GroupCache", "ImageGroup", "group_by_image", "load_group"]
+__all__ = ["GroupCache", "ImageGroup", "group_by_image", "is_absent_image", "load_group", "reweight_absent_images"]

@@ -29,7 +29,9 @@ class TrainConfig:
     ``negative_rate`` (prompt slots given to classes known to be absent, with empty targets; look-alikes at
     ``hard_negative_rate``) and ``composite_rate`` (canvases tiling images of different datasets, where only the
     prompt says which tile is meant; ``composite_hard_rate``: tiles whose classes look alike, e.g. a polyp beside a
-    skin lesion). ``calibrate_presence`` stores a validated presence threshold in ``best/``.
+    skin lesion). ``absent_image_weight``: images annotated without their class (normal scans, every row
+    ``negative``/``empty``) are drawn that many times as often as their dataset's other images, the dataset's
+    share unchanged (single-image items; canvases draw tiles as before). ``calibrate_presence`` stores a validated presence threshold in ``best/``.
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")
@@ -55,6 +57,7 @@ class TrainConfig:
     composite_rate: float = 0.0  # share of training images that are composite canvases of 2-4 images
     composite_tiles: list[StrictInt] = field(default_factory=lambda: [2, 4])  # fewest, most tiles per canvas
     composite_hard_rate: float = 0.0  # chance a later tile's dataset has look-alike classes (polyp / skin lesion)
+    absent_image_weight: float = 1.0  # absent-class images (normal scans) drawn this many times as often as the rest
     calibrate_presence: StrictBool = True  # after training, choose the presence threshold on the validation split
     augment: dict[str, Any] | None = field(default_factory=lambda: {"hflip": 0.5})
     # optimisation
@@ -97,6 +100,8 @@ class TrainConfig:
         for name in ("negative_rate", "hard_negative_rate", "composite_rate", "composite_hard_rate"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.absent_image_weight > 0:
+            raise ValueError(f"absent_image_weight must be > 0, got {self.absent_image_weight}")
         if len(self.composite_tiles) != 2 or not 2 <= self.composite_tiles[0] <= self.composite_tiles[1] <= 4:
             raise ValueError(f"composite_tiles must be [fewest, most] within 2..4, got {self.composite_tiles}")
 

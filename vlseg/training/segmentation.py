@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import CompositeSampler, GroupCache, PairedAugment, group_by_image, split_sources
+from ..data import CompositeSampler, GroupCache, PairedAugment, group_by_image, reweight_absent_images, split_sources
 from ..data.negatives import hard_subset, negative_candidates
 from ..evaluation import evaluate_dataset
 from ..features import ImageFeatures
@@ -24,7 +24,7 @@ class SegmentationBatcher:
     an interrupted run resumes on exactly the batches it would have seen, and every process takes its own slice.
 
     Each batch item is one image (all its annotated classes, ``vlseg.data.load_group``; decoded images are kept up
-    to ``cfg.decode_cache_mb``) or, at ``cfg.composite_rate``, a composite canvas of images from different datasets;
+    to ``cfg.decode_cache_mb``; absent-class images ``cfg.absent_image_weight`` times as likely as their dataset's others) or, at ``cfg.composite_rate``, a composite canvas of images from different datasets;
     it gets ``cfg.prompts_per_image`` prompts: its present classes (each with its own mask as target, at a random prompt level) and, at
     ``cfg.negative_rate`` per slot, classes known to be absent (``vlseg.data.negatives``; at ``cfg.hard_negative_rate``
     the hard ones: look-alikes of the present classes and the classes the image is annotated without) with empty
@@ -33,9 +33,9 @@ class SegmentationBatcher:
 
     def __init__(self, ds: Any, cfg: TrainConfig, processor: Any, rank: int, world: int):
         self.ds, self.cfg, self.proc, self.rank, self.world = ds, cfg, processor, rank, world
-        w = np.asarray(ds.item_weights(), dtype=np.float64)
-        self.p = w / w.sum()
         self.groups = group_by_image(ds)
+        w = reweight_absent_images(ds.item_weights(), ds, self.groups, cfg.absent_image_weight)
+        self.p = w / w.sum()
         self.group_of = {i: g for g in self.groups for i in g.indices}
         self.pool = sorted({str(r["class_name"]) for r in ds.records})
         self.context: dict[str, tuple[str, ...]] = {}  # every class each dataset annotates
