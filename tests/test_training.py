@@ -209,28 +209,33 @@ def test_absent_image_weight_draws_normal_scans_more_often_and_keeps_dataset_sha
     busi = []
     for i in range(3):
         busi += rows_for("busi", f"b{i}", 32, 32, {"breast tumor": square(32, 32, 8, 8, 10)})
-    busi += [{**r, "negative": True} for r in rows_for("busi", "normal", 32, 32, {"breast tumor": np.zeros((32, 32), bool)})]
+    empty = np.zeros((32, 32), bool)
+    busi += [{**r, "negative": True} for r in rows_for("busi", "normal", 32, 32, {"breast tumor": empty})]
     other = rows_for("ph2", "s0", 32, 32, {"skin lesion": square(32, 32, 4, 4, 8)}) + \
         rows_for("ph2", "s1", 32, 32, {"skin lesion": square(32, 32, 6, 6, 8)})
-    ds = vlseg.data.PooledDataset({"busi": ArrayDataset(busi), "ph2": ArrayDataset(other)}, weights={"busi": 2, "ph2": 1})
+    ds = vlseg.data.PooledDataset({"busi": ArrayDataset(busi), "ph2": ArrayDataset(other)},
+                                  weights={"busi": 2, "ph2": 1})
     groups = group_by_image(ds)
     base = np.asarray(ds.item_weights())
     w = reweight_absent_images(base, ds, groups, 3.0)
     normal = [i for g in groups if g.key.endswith("#normal") for i in g.indices]
     assert normal == [3] and base[3] == pytest.approx(2 / 3 / 4)
-    assert w[3] == pytest.approx(2 / 3 * 3 / 6) and w[0] == w[1] == w[2] == pytest.approx(2 / 3 / 6)  # 3 : 1 within BUSI
+    assert w[3] == pytest.approx(2 / 3 * 3 / 6)  # 3 : 1 : 1 : 1 within BUSI
+    assert w[0] == w[1] == w[2] == pytest.approx(2 / 3 / 6)
     assert w[:4].sum() == pytest.approx(2 / 3) and np.array_equal(w[4:], base[4:])  # shares unchanged
     assert np.array_equal(reweight_absent_images(base, ds, groups, 1.0), base)
     with pytest.raises(ValueError, match="> 0"):
         reweight_absent_images(base, ds, groups, 0.0)
+    with pytest.raises(ValueError, match="3 weights for 6 rows"):
+        reweight_absent_images(base[:3], ds, groups, 2.0)
     with pytest.raises(ValueError, match="absent_image_weight"):
         T.load_config(None, ["data=[{manifest: unused.jsonl}]", "absent_image_weight=-1"])
 
     proc = vlseg.create_model("tiny-test", pretrained=False).processor
     drawn = {}
     for factor in (1.0, 4.0):
-        cfg = T.load_config(None, ["data=[{manifest: unused.jsonl}]", "batch_size=8", "composite_rate=0", "augment=null",
-                                   f"absent_image_weight={factor}", "prompt_levels=[p1]"])
+        cfg = T.load_config(None, ["data=[{manifest: unused.jsonl}]", "batch_size=8", "composite_rate=0",
+                                   "augment=null", f"absent_image_weight={factor}", "prompt_levels=[p1]"])
         batcher = T.get_task("segmentation").batcher(type("M", (), {"processor": proc})(), ds, cfg, 0, 1)
         keys = [k for step in range(40) for k in batcher(step, "cpu").keys]
         drawn[factor] = (sum("#normal" in k for k in keys), sum(k.startswith("ph2#") for k in keys))

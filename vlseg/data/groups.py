@@ -69,14 +69,14 @@ def reweight_absent_images(weights: Sequence[float] | np.ndarray, dataset: Any, 
     Returns:
         (N,) float64 weights.
     """
-    w = np.asarray(weights, dtype=np.float64).copy()
+    w = np.asarray(weights, dtype=np.float64)
     if not factor > 0:
         raise ValueError(f"absent-image weight factor must be > 0, got {factor}")
     if len(w) != len(dataset.records):
         raise ValueError(f"{len(w)} weights for {len(dataset.records)} rows")
-    if factor == 1.0:
-        return w
     scaled = w.copy()
+    if factor == 1.0:
+        return scaled
     for g in groups:
         if is_absent_image(dataset, g):
             scaled[list(g.indices)] *= factor

@@ -31,7 +31,8 @@ class TrainConfig:
     prompt says which tile is meant; ``composite_hard_rate``: tiles whose classes look alike, e.g. a polyp beside a
     skin lesion). ``absent_image_weight``: images annotated without their class (normal scans, every row
     ``negative``/``empty``) are drawn that many times as often as their dataset's other images, the dataset's
-    share unchanged (single-image items; canvases draw tiles as before). ``calibrate_presence`` stores a validated presence threshold in ``best/``.
+    share unchanged (single-image items; canvases draw tiles as before). ``calibrate_presence`` stores a
+    validated presence threshold in ``best/``.
     """
 
     __pydantic_config__ = ConfigDict(extra="forbid")

@@ -24,7 +24,8 @@ class SegmentationBatcher:
     an interrupted run resumes on exactly the batches it would have seen, and every process takes its own slice.
 
     Each batch item is one image (all its annotated classes, ``vlseg.data.load_group``; decoded images are kept up
-    to ``cfg.decode_cache_mb``; absent-class images ``cfg.absent_image_weight`` times as likely as their dataset's others) or, at ``cfg.composite_rate``, a composite canvas of images from different datasets;
+    to ``cfg.decode_cache_mb``; absent-class images are ``cfg.absent_image_weight`` times as likely as their
+    dataset's others) or, at ``cfg.composite_rate``, a composite canvas of images from different datasets;
     it gets ``cfg.prompts_per_image`` prompts: its present classes (each with its own mask as target, at a random prompt level) and, at
     ``cfg.negative_rate`` per slot, classes known to be absent (``vlseg.data.negatives``; at ``cfg.hard_negative_rate``
     the hard ones: look-alikes of the present classes and the classes the image is annotated without) with empty
