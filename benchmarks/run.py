@@ -312,7 +312,7 @@ def case_presets(image: Any, presets: list[str], chosen_by: dict[str, str], ks: 
     return out
 
 
-def case_training(n_images: int, batch: int, reps: int, device: str, preset: str = "clip-b16-film") -> list[dict]:
+def case_training(n_images: int, batch: int, reps: int, device: str, preset: str) -> list[dict]:
     """Images/s of training steps of ``preset`` (random weights): decoder-only, LoRA, and decoder-only with the
     frozen-feature cache."""
     from vlseg.training import FeatureCache, SegmentationLoss
