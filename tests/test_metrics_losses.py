@@ -1,9 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from vlseg import metrics as M
-from vlseg.losses import DiceLoss, SegmentationLoss
+from vlseg.losses import DiceLoss, SegmentationLoss, balanced_bce
 
 
 def sq(y0, x0, y1, x1, shape=(20, 20)):
@@ -67,3 +69,28 @@ def test_losses():
     assert parts["presence"] > 5
     with pytest.raises(ValueError, match="differ in shape"):
         SegmentationLoss()(perfect, t[:1])
+
+
+def test_balanced_bce_by_hand():
+    """A thin map (2 of 16 pixels foreground: 14 background / 2 = 7) and an empty one, all logits 0 (BCE ln 2 a pixel)."""
+    t = torch.zeros(2, 1, 4, 4)
+    t[0, 0, 1, 1:3] = 1
+    z = torch.zeros_like(t)
+    ln2 = math.log(2)
+    assert float(balanced_bce(z, t, 0.0)) == pytest.approx(ln2)
+    # map 0: 14 pixels weigh 1, 2 weigh 7 ** balance; map 1 (no foreground): plain
+    assert float(balanced_bce(z, t, 1.0)) == pytest.approx((14 + 2 * 7 + 16) * ln2 / 32)
+    assert float(balanced_bce(z, t, 0.5)) == pytest.approx((14 + 2 * 7 ** 0.5 + 16) * ln2 / 32)
+    # the gradient on a foreground pixel is 7x a background pixel's at balance 1 (equal at 0)
+    x = torch.zeros_like(t, requires_grad=True)
+    balanced_bce(x, t, 1.0).backward()
+    assert x.grad is not None
+    assert float(x.grad[0, 0, 1, 1].abs() / x.grad[0, 0, 0, 0].abs()) == pytest.approx(7.0)
+    # a mostly-foreground map is never down-weighted below plain BCE
+    full = torch.ones(1, 1, 4, 4)
+    full[0, 0, 0, 0] = 0
+    assert float(balanced_bce(torch.zeros_like(full), full, 1.0)) == pytest.approx(ln2)
+    _, parts = SegmentationLoss(bce_balance=1.0)(z, t)
+    assert parts["bce"] == pytest.approx((14 + 2 * 7 + 16) * ln2 / 32, rel=1e-5)
+    with pytest.raises(ValueError, match="bce_balance"):
+        SegmentationLoss(bce_balance=1.5)

@@ -44,16 +44,38 @@ class FocalLoss(nn.Module):
         return loss.mean()
 
 
+def balanced_bce(logits: Tensor, target: Tensor, balance: float) -> Tensor:
+    """Pixel BCE on logits whose positive pixels weigh ``(negatives / positives) ** balance`` in each map.
+
+    The class balancing of HED (Xie & Tu, 2015), made partial: ``balance`` 0 is plain BCE, 1 gives a map's foreground
+    as much weight in all as its background, so a thin structure (vessels covering 10% of an image) is not outweighed
+    by its background the way a large lesion is not. Maps with no foreground (negative prompts) are plain BCE.
+    Shapes: logits, target (..., H, W) -> scalar (mean over every pixel).
+    """
+    t = target.float()
+    if not balance:
+        return F.binary_cross_entropy_with_logits(logits, t)
+    pos = t.flatten(-2).sum(-1)
+    neg = t.shape[-2] * t.shape[-1] - pos
+    ratio = (neg / pos.clamp_min(1.0)).clamp_min(1.0) ** balance  # never below 1: mostly-foreground maps stay plain
+    weight = 1.0 + t * (ratio[..., None, None] - 1.0)
+    return F.binary_cross_entropy_with_logits(logits, t, weight=weight)
+
+
 class SegmentationLoss(nn.Module):
     """``dice_weight * Dice + bce_weight * BCE (+ focal_weight * Focal) + presence_weight * BCE(presence)``.
 
-    The presence target is 1 where the target mask has any foreground (0 for negative prompts).
-    Returns (total, parts dict of floats for logging).
+    ``bce_balance`` > 0 weighs each map's foreground pixels in the BCE by (background / foreground) ** bce_balance
+    (:func:`balanced_bce`). The presence target is 1 where the target mask has any foreground (0 for negative
+    prompts). Returns (total, parts dict of floats for logging).
     """
 
     def __init__(self, dice_weight: float = 1.0, bce_weight: float = 1.0, focal_weight: float = 0.0,
-                 presence_weight: float = 0.2):
+                 presence_weight: float = 0.2, bce_balance: float = 0.0):
         super().__init__()
+        if not 0.0 <= bce_balance <= 1.0:
+            raise ValueError(f"loss.bce_balance must be in [0, 1], got {bce_balance}")
+        self.bce_balance = bce_balance
         self.w = dict(dice=dice_weight, bce=bce_weight, focal=focal_weight, presence=presence_weight)
         self.dice = DiceLoss()
         self.focal = FocalLoss()
@@ -66,7 +88,7 @@ class SegmentationLoss(nn.Module):
         if self.w["dice"]:
             parts["dice"] = self.dice(logits, target)
         if self.w["bce"]:
-            parts["bce"] = F.binary_cross_entropy_with_logits(logits, target.float())
+            parts["bce"] = balanced_bce(logits, target, self.bce_balance)
         if self.w["focal"]:
             parts["focal"] = self.focal(logits, target)
         if presence is not None and self.w["presence"]:
