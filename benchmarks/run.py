@@ -74,40 +74,10 @@ def row(name: str, vlseg_s: float, reference: str, reference_s: float, **extra: 
 
 
 # ----------------------------------------------------------------------------- fixtures
-def write_tokenizer(folder: Path) -> None:
-    vlseg.write_clip_tokenizer(folder)
-
-
 def upstream_clipseg(folder: Path, tiny: bool = False) -> str:
     """A CLIPSeg folder in the CIDAS/clipseg-rd64-refined layout (352 px, ViT-B/16, rd64, refined), random weights;
-    ``tiny``: the same layout with a 64 px, 6-block, 32-wide model (as ../shared/tools/make_upstream_clipseg.py
-    --tiny writes), for a smoke run of every case."""
-    from transformers import (
-        CLIPSegConfig,
-        CLIPSegForImageSegmentation,
-        CLIPSegProcessor,
-        CLIPTokenizer,
-        ViTImageProcessor,
-    )
-
-    torch.manual_seed(0)
-    if tiny:
-        layers = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
-        config = CLIPSegConfig(text_config={**layers, "num_hidden_layers": 4},
-                               vision_config={**layers, "num_hidden_layers": 6, "image_size": 64, "patch_size": 16},
-                               projection_dim=32, reduce_dim=16, extract_layers=(1, 2, 3),
-                               decoder_num_attention_heads=2, decoder_intermediate_size=64,
-                               use_complex_transposed_convolution=True)
-    else:
-        config = CLIPSegConfig(vision_config={"patch_size": 16}, reduce_dim=64, use_complex_transposed_convolution=True)
-    CLIPSegForImageSegmentation(config).eval().save_pretrained(folder)
-    write_tokenizer(folder)
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    size = 64 if tiny else 352
-    img = ViTImageProcessor(do_resize=True, size={"height": size, "width": size}, resample=2, do_normalize=True,
-                            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-    CLIPSegProcessor(image_processor=img, tokenizer=tok).save_pretrained(folder)
-    return str(folder)
+    ``tiny``: the same layout with a 64 px, 6-block, 32-wide model, for a smoke run of every case."""
+    return vlseg.write_upstream_clipseg(folder, tiny=tiny, seed=0)
 
 
 def sample_images(n: int) -> list[Any]:

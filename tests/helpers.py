@@ -40,25 +40,10 @@ def write_tiny_hf_clip(out: str | os.PathLike, seed: int = 0) -> str:
 
 
 def write_tiny_clipseg(out: str | os.PathLike, seed: int = 0) -> str:
-    """A CLIPSeg folder in the upstream layout (as ../shared/tools/make_upstream_clipseg.py --tiny writes)."""
-    import torch
-    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, CLIPTokenizer, ViTImageProcessor
+    """A tiny CLIPSeg folder in the upstream layout (``vlseg.write_upstream_clipseg(tiny=True)``)."""
+    from vlseg import write_upstream_clipseg
 
-    torch.manual_seed(seed)
-    config = CLIPSegConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-                           image_size=64, patch_size=16),
-        projection_dim=32, reduce_dim=16, extract_layers=(1, 2, 3), decoder_num_attention_heads=2,
-        decoder_intermediate_size=64, use_complex_transposed_convolution=True,
-    )
-    CLIPSegForImageSegmentation(config).eval().save_pretrained(out)
-    write_clip_tokenizer(out)
-    tok = CLIPTokenizer(os.path.join(out, "vocab.json"), os.path.join(out, "merges.txt"), model_max_length=77)
-    img = ViTImageProcessor(do_resize=True, size={"height": 64, "width": 64}, resample=2, do_normalize=True,
-                            image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
-    CLIPSegProcessor(image_processor=img, tokenizer=tok).save_pretrained(out)
-    return str(out)
+    return write_upstream_clipseg(out, tiny=True, seed=seed)
 
 
 def tiny_biomedclip_like(tmp: str | os.PathLike) -> dict:

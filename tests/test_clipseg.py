@@ -1,5 +1,7 @@
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,6 +44,15 @@ def test_shared_tool_folder_loads(tmp_path):
     if not tool.exists():
         pytest.skip(f"{tool} is absent (../shared next to the checkout)")
     subprocess.run([sys.executable, str(tool), str(tmp_path), "--tiny"], check=True, capture_output=True)
+    # vlseg's own writer (tests, benchmarks) writes the same layout: the same files, processor and architecture
+    # class (its tiny model is deeper, 6 blocks, and refined, so its weights are not the tool's)
+    ours = Path(vlseg.write_upstream_clipseg(tmp_path / "ours", tiny=True))
+    assert {p.name for p in ours.iterdir()} == {p.name for p in tmp_path.iterdir() if p.name != "ours"}
+    theirs_proc, ours_proc = (json.loads((d / "processor_config.json").read_text()) for d in (tmp_path, ours))
+    assert ours_proc == theirs_proc
+    theirs_cfg, ours_cfg = (json.loads((d / "config.json").read_text()) for d in (tmp_path, ours))
+    assert ours_cfg["architectures"] == theirs_cfg["architectures"] == ["CLIPSegForImageSegmentation"]
+    assert ours_cfg["vision_config"]["image_size"] == theirs_cfg["vision_config"]["image_size"] == 64
     image = Image.fromarray(np.full((50, 70, 3), 127, np.uint8))
     model = vlseg.create_model("clipseg-rd64-refined", pretrained=str(tmp_path))
     probs = vlseg.segment(model, image, ["polyp"], return_probs=True)

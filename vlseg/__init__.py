@@ -16,6 +16,7 @@ from .config import DecoderConfig, EncoderConfig, LoraSpec, ModelConfig
 from .decoders import list_decoders
 from .encoders import list_encoders
 from .encoders.tokenizers import write_clip_tokenizer
+from .fixtures import write_upstream_clipseg
 from .factory import create_model, load, load_or_create
 from .families import list_families
 from .inference import Prediction, predict, segment, segment_volume
@@ -60,4 +61,5 @@ __all__ = [
     "segment_video",
     "segment_volume",
     "write_clip_tokenizer",
+    "write_upstream_clipseg",
 ]
