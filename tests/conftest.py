@@ -14,7 +14,9 @@ def _cache_dir(tmp_path_factory):
     os.environ["VLSEG_CACHE"] = str(tmp_path_factory.mktemp("vlseg-cache"))
 
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tests run in pytest-xdist workers (pyproject's addopts): the cores are shared among them, at most 2 threads each.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(autouse=True)
