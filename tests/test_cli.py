@@ -127,3 +127,20 @@ def test_segment_dicom_series_folder_to_nifti(ckpt, tmp_path):
     m = nib.load(str(out / "series__liver.nii.gz"))
     assert m.shape == (20, 24, 3)
     assert np.allclose(np.linalg.norm(m.affine[:3, :3], axis=0), [0.7, 0.8, 2.0])  # voxel sizes per array axis
+
+
+def test_segment_flip_flag(ckpt, tmp_path):
+    """``--flip on/off`` reach ``vlseg.segment(flip=...)``: the written masks are the Python call's."""
+    img = np.random.default_rng(5).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    img[:, :25] = 250  # left-right asymmetric
+    Image.fromarray(img).save(tmp_path / "a.png")
+    model = vlseg.load(ckpt)
+    probs = vlseg.segment(model, img, ["polyp"], return_probs=True, flip=False)[0]
+    t = float(np.median(probs))  # a threshold that cuts the map in two, so the masks say something
+    want = {f: vlseg.segment(model, img, ["polyp"], threshold=t, flip=f)[0] for f in (True, False)}
+    assert (want[True] != want[False]).any()
+    for flag, f in (("on", True), ("off", False)):
+        out = tmp_path / flag
+        assert main(["segment", str(tmp_path / "a.png"), "-p", "polyp", "-m", ckpt, "-o", str(out), "--threshold",
+                     str(t), "--precision", "fp32", "--flip", flag]) == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "a__polyp.png")) > 0, want[f])

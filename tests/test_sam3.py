@@ -139,6 +139,12 @@ def test_one_vision_pass_for_k_prompts(model):
             h.remove()
 
 
+def test_flip_is_refused_for_instances(model):
+    """Mirror test-time augmentation averages semantic maps; SAM 3's instances have no such average."""
+    with pytest.raises(ValueError, match="instances"):
+        vlseg.segment(model, disc_image()[0], "disc", flip=True)
+
+
 def test_box_prompts_match_transformers(model, reference):
     image, sem = disc_image()
     ys, xs = np.nonzero(sem[:, :70])

@@ -75,3 +75,33 @@ def test_autocast_close(tiny):
     a = vlseg.segment(tiny, img, ["x"], return_probs=True)
     b = vlseg.segment(tiny, img, ["x"], return_probs=True, autocast=True)
     assert np.abs(a - b).max() < 0.05
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_its_mirror(tiny, tmp_path):
+    """``flip=True`` averages the model's probabilities (and presence) on the image and on its left-right mirror,
+    mirrored back; ``"model"`` follows the checkpoint's ``flip_tta``, which a save/load keeps."""
+    rng = np.random.default_rng(3)
+    img = rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    img[:, :20] = 255  # a bright band on the left only: the two views differ
+    prompts = ["polyp", "retinal vessel"]
+    plain = vlseg.segment(tiny, img, prompts, return_probs=True, flip=False)
+    mirrored = vlseg.segment(tiny, np.ascontiguousarray(img[:, ::-1]), prompts, return_probs=True,
+                             flip=False)[:, :, ::-1]
+    assert np.abs(plain - mirrored).max() > 1e-3  # the model is not mirror-symmetric: the check below means something
+    flipped = vlseg.segment(tiny, img, prompts, return_probs=True, flip=True)
+    np.testing.assert_allclose(flipped, (plain + mirrored) / 2, atol=2e-5)
+    a = vlseg.predict(tiny, img, prompts, presence_threshold=None, flip=False)
+    b = vlseg.predict(tiny, np.ascontiguousarray(img[:, ::-1]), prompts, presence_threshold=None, flip=False)
+    f = vlseg.predict(tiny, img, prompts, presence_threshold=None, flip=True)
+    np.testing.assert_allclose(f.presence, (a.presence + b.presence) / 2, atol=1e-5)
+    np.testing.assert_array_equal(f.masks, f.probs > 0.5)
+    assert not tiny.config.flip_tta  # off unless a checkpoint says so
+    np.testing.assert_allclose(vlseg.segment(tiny, img, prompts, return_probs=True), plain)
+    tiny.config.flip_tta = True
+    np.testing.assert_allclose(vlseg.segment(tiny, img, prompts, return_probs=True), flipped)
+    tiny.save_pretrained(tmp_path / "ck")
+    back = vlseg.load(tmp_path / "ck")
+    assert back.config.flip_tta is True
+    np.testing.assert_allclose(vlseg.segment(back, img, prompts, return_probs=True), flipped, atol=1e-6)
+    with pytest.raises(ValueError, match="flip"):
+        vlseg.segment(tiny, img, prompts, flip="yes")

@@ -75,7 +75,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             mine = list(part)
     out.mkdir(parents=True, exist_ok=True)
     kw = dict(threshold=args.threshold, presence_threshold=args.presence_threshold, batch_size=args.batch_size,
-              precision=args.precision)
+              precision=args.precision, flip=_FLIP[args.flip])
     # Outputs are written to a hidden staging folder inside `out` and moved into `out` only when every input of this
     # process is done: a run that fails (a corrupt input, a full disk, Ctrl-C) leaves no partial or half-written files.
     stage = Path(tempfile.mkdtemp(prefix=".vlseg-partial-", dir=out))
@@ -235,6 +235,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+_FLIP: dict[str, bool | str] = {"model": "model", "on": True, "off": False}
+
+
 def _presence(text: str) -> float | None | str:
     if text in ("model", "none"):
         return None if text == "none" else text
@@ -253,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=float, default=0.5)
     s.add_argument("--presence-threshold", type=_presence, default="model",
                    help="'model' (the checkpoint's calibrated threshold), a number, or 'none'")
+    s.add_argument("--flip", choices=list(_FLIP), default="model",
+                   help="left-right mirror test-time augmentation: 'model' (the checkpoint's setting), on or off")
     s.add_argument("--device", default=None)
     s.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                    help="auto: the fastest mode whose masks pass the fidelity bar on this machine (vlseg.precision)")

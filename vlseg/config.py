@@ -163,6 +163,8 @@ class ModelConfig:
         image_size: input side the processor resizes to (square).
         presence: the decoder predicts a per-(image, prompt) presence logit.
         presence_threshold: calibrated presence probability below which masks are emptied (None: 0.5).
+        flip_tta: ``segment``/``predict`` average each image with its left-right mirror by default (test-time
+            augmentation; set before the presence calibration, so the threshold is calibrated on averaged scores).
     """
 
     family: str = "composed"
@@ -182,6 +184,7 @@ class ModelConfig:
     image_size: int | None = None
     presence: bool = True
     presence_threshold: float | None = None
+    flip_tta: bool = False
     config_version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -192,7 +195,7 @@ class ModelConfig:
         _check_type("'presence_threshold'", self.presence_threshold, (float, int))
         if self.presence_threshold is not None and not 0.0 <= self.presence_threshold <= 1.0:
             raise ValueError(f"'presence_threshold' must be in [0, 1], got {self.presence_threshold}")
-        for name in ("merged_lora", "freeze_image", "freeze_text", "presence"):
+        for name in ("merged_lora", "freeze_image", "freeze_text", "presence", "flip_tta"):
             _check_type(f"'{name}'", getattr(self, name), (bool,))
 
     @classmethod

@@ -121,6 +121,7 @@ def evaluate(model: Any, dataset: Any, out: str | Path, levels: Sequence[str] = 
                                      keep_predictions=True, progress=progress)
     summary["levels"] = list(levels)
     summary["precision"] = getattr(model, "precision", "fp32")
+    summary["flip_tta"] = bool(getattr(model.config, "flip_tta", False))  # the checkpoint's test-time flip
     canvas_examples: list[dict[str, Any]] = []
     if language_use:
         from .language_use import language_use_report, summary_line

@@ -18,6 +18,9 @@ from .data.clinical import volume_slices
 from .volumes import Volume, VolumeMasks, is_volume_source, read_volume
 
 
+FlipSetting = bool | str  # True / False, or "model": the checkpoint's ``flip_tta``
+
+
 def _is_batch(image: Any) -> bool:
     return isinstance(image, (list, tuple))
 
@@ -37,20 +40,42 @@ class Instances:
     scores: np.ndarray
 
 
-def _run(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: int, autocast: bool
-         ) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def _run(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: int, autocast: bool,
+         flip: FlipSetting = "model") -> list[tuple[np.ndarray, np.ndarray | None]]:
     """-> per image: (K, H, W) float32 probabilities at the image's size, (K,) presence probabilities or None."""
-    return [(probs, presence) for probs, presence, _ in _run_detailed(model, items, prompts, batch_size, autocast)]
+    return [(probs, presence) for probs, presence, _ in
+            _run_detailed(model, items, prompts, batch_size, autocast, flip=flip)]
+
+
+def flip_enabled(model: VLSegModel, flip: FlipSetting) -> bool:
+    """``"model"`` -> the checkpoint's ``flip_tta``; a bool is used as given.
+
+    Raises:
+        ValueError: ``flip`` is neither, or it is on for a family that detects instances (SAM 3)."""
+    if flip == "model":
+        flip = bool(getattr(model.config, "flip_tta", False))
+    if not isinstance(flip, bool):
+        raise ValueError(f"flip must be True, False or 'model', got {flip!r}")
+    if flip and model.family.capabilities.instances:
+        raise ValueError(f"flip test-time augmentation averages semantic maps; the {model.config.family!r} family "
+                         f"detects instances: pass flip=False")
+    return flip
 
 
 def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: int, autocast: bool,
-                  boxes: BoxPrompts | None = None, threshold: float | None = None
+                  boxes: BoxPrompts | None = None, threshold: float | None = None, flip: FlipSetting = "model"
                   ) -> list[tuple[np.ndarray, np.ndarray | None, list[Instances] | None]]:
     """``_run`` plus box prompts (rows for one image) and, for families that detect instances, each prompt's
     instances (masks cut at ``threshold``). Their semantic probability is the highest kept instance probability,
-    so the mask is the union of the instance masks (as SAM 3's post-processing)."""
+    so the mask is the union of the instance masks (as SAM 3's post-processing).
+
+    ``flip`` (test-time augmentation): also run each image mirrored left-right, in the same forward pass, and
+    average the two views' pixel probabilities (the mirrored one mirrored back) and presence probabilities."""
     out = []
     dev = model.device
+    use_flip = flip_enabled(model, flip)
+    if use_flip and boxes is not None:
+        raise ValueError("flip test-time augmentation does not take box prompts: pass flip=False with boxes")
     was_training = model.training
     if was_training:  # (toggling walks every submodule: skipped when the model is already in eval mode)
         model.eval()
@@ -59,6 +84,9 @@ def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch
             arrays = [read_image(x)[0] for x in items[start:start + batch_size]]
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 pv = model.processor(arrays, device=dev)
+                n = len(arrays)
+                if use_flip:  # both views in one batch: images 0..n-1 as given, n..2n-1 mirrored (B, 3, S, S)
+                    pv = torch.cat([pv, pv.flip(-1)])
                 res = model(pv, prompts) if boxes is None else model(pv, prompts, boxes=boxes)
                 for i, arr in enumerate(arrays):
                     presence = None if res.presence is None else torch.sigmoid(res.presence[i].float())
@@ -66,7 +94,12 @@ def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch
                     if res.instances is not None:
                         probs, inst = _instance_probs(model, res.instances, i, arr.shape[:2], threshold)
                     else:  # sigmoid at the model's resolution, then resize probabilities (as upstream pipelines do)
-                        probs = model.processor.postprocess(torch.sigmoid(res.logits[i].float()), arr.shape[:2])
+                        low = torch.sigmoid(res.logits[i].float())  # (K, h, w)
+                        if use_flip:
+                            low = (low + torch.sigmoid(res.logits[n + i].float()).flip(-1)) / 2
+                            if presence is not None:
+                                presence = (presence + torch.sigmoid(res.presence[n + i].float())) / 2
+                        probs = model.processor.postprocess(low, arr.shape[:2])
                     out.append((probs.cpu().numpy().astype(np.float32),
                                 None if presence is None else presence.cpu().numpy(), inst))
     finally:
@@ -197,9 +230,10 @@ def _prompt_list(prompts: Any) -> list[str]:
 
 def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
             presence_threshold: PresenceThreshold = "model", boxes: Sequence[Any] | None = None,
-            box_labels: Sequence[Any] | None = None, precision: str = "fp32") -> Prediction:
+            box_labels: Sequence[Any] | None = None, precision: str = "fp32", flip: FlipSetting = "model"
+            ) -> Prediction:
     """Masks, probabilities, presence scores (and instances, for families that detect them) for one 2D image
-    (path, PIL or array) and K prompts; ``boxes``/``box_labels`` and ``precision`` as in ``segment``."""
+    (path, PIL or array) and K prompts; ``boxes``/``box_labels``, ``precision`` and ``flip`` as in ``segment``."""
     prompts = _prompt_list(prompts)
     normalize_prompts(prompts, 1)
     if not isinstance(model, VLSegModel):
@@ -210,7 +244,8 @@ def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         arr = read_image(image)[0]
         image, bp = arr, box_prompts(boxes, box_labels, len(prompts), arr.shape[:2])
     run = with_precision(model, precision, [image], prompts)
-    probs, presence, inst = _run_detailed(run, [image], list(prompts), 1, False, boxes=bp, threshold=threshold)[0]
+    probs, presence, inst = _run_detailed(run, [image], list(prompts), 1, False, boxes=bp, threshold=threshold,
+                                          flip=flip_enabled(model, flip))[0]
     masks = _gate(probs, presence, threshold, presence_cutoff(model, presence_threshold))
     head = presence is not None
     score: np.ndarray = presence if presence is not None else probs.reshape(len(prompts), -1).max(1)
@@ -237,7 +272,7 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
             return_probs: bool = False, batch_size: int = 8, presence_threshold: PresenceThreshold = "model",
             autocast: bool = False, volume_axis: int = 2, window: Any = None, allow_empty_prompts: bool = False,
             boxes: Sequence[Any] | None = None, box_labels: Sequence[Any] | None = None,
-            precision: str = "fp32") -> Any:
+            precision: str = "fp32", flip: FlipSetting = "model") -> Any:
     """Segment what the prompts describe.
 
     Args:
@@ -263,6 +298,10 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
             per prompt, None or a list of (x0, y0, x1, y1) boxes in the image's pixels. A prompt with boxes and
             the text "visual" is a box-only prompt (SAM 3's convention).
         box_labels: per prompt, None (all positive) or one label per box: 1 positive, 0 negative (exclude this).
+        flip: test-time augmentation: also run each image mirrored left-right and average the two views' pixel
+            and presence probabilities (twice the image work); ``"model"`` (default) uses the checkpoint's
+            ``flip_tta`` (its presence threshold was calibrated with the same setting). Not for box prompts or
+            families that detect instances (SAM 3).
     Returns:
         For one image a (K, H, W) array (bool masks, or float32 probabilities); for a list, a list of those.
         A volume gives (K, X, Y, Z) in the file's voxel order; ``vlseg.segment_volume`` returns the same masks
@@ -278,6 +317,7 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     _check_boxes(model, boxes)
+    use_flip = flip_enabled(model, flip)  # a bad value fails here, before any image work
     if autocast:
         warnings.warn("segment(autocast=True) is deprecated: use precision='bf16' (converted weights, checked "
                       "against fp32) or precision='auto'", DeprecationWarning, stacklevel=2)
@@ -290,7 +330,7 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
             raise ValueError("box prompts are in one image's pixels: pass a single 2D image with boxes=")
         arr = read_image(image)[0]
         bp = box_prompts(boxes, box_labels, len(prompts), arr.shape[:2])
-        probs, presence, _ = _run_detailed(run, [arr], list(prompts), 1, autocast, boxes=bp)[0]
+        probs, presence, _ = _run_detailed(run, [arr], list(prompts), 1, autocast, boxes=bp, flip=use_flip)[0]
         return probs if return_probs else _gate(probs, presence, threshold, presence_cutoff(model,
                                                                                             presence_threshold))
     items = list(image) if _is_batch(image) else [image]
@@ -299,7 +339,7 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
     if any(is_volume_source(x) for x in items):
         kw: dict[str, Any] = dict(threshold=threshold, return_probs=return_probs, batch_size=batch_size,
                                   presence_threshold=presence_threshold, autocast=autocast,
-                                  allow_empty_prompts=allow_empty_prompts, precision=precision)
+                                  allow_empty_prompts=allow_empty_prompts, precision=precision, flip=flip)
         out = [segment_volume(model, x, list(prompts), axis=volume_axis, window=window, **kw).masks
                if is_volume_source(x) else segment(model, x, prompts, **kw) for x in items]
         return out if _is_batch(image) else out[0]
@@ -307,7 +347,7 @@ def segment(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     cutoff = presence_cutoff(model, presence_threshold)
     results = [probs if return_probs else _gate(probs, presence, threshold, cutoff)
-               for probs, presence in _run(run, items, list(prompts), batch_size, autocast)]
+               for probs, presence in _run(run, items, list(prompts), batch_size, autocast, use_flip)]
     return results if _is_batch(image) else results[0]
 
 

@@ -231,7 +231,7 @@ def iter_segment_video(model: Any, video: Any, prompts: str | Sequence[str], thr
                        presence_threshold: Any = "model", batch_size: int = 8, smoothing: float = 0.0,
                        track: bool | None = None, tracker_options: dict[str, Any] | None = None,
                        max_frames: int | None = None, keep_frames: bool = False, progress: bool = True,
-                       precision: str = "fp32") -> Iterator[VideoFrameMasks]:
+                       precision: str = "fp32", flip: Any = "model") -> Iterator[VideoFrameMasks]:
     """Yield one ``VideoFrameMasks`` per frame, in order, reading frames as it goes (see ``segment_video``)."""
     from tqdm.auto import tqdm
 
@@ -286,7 +286,7 @@ def iter_segment_video(model: Any, video: Any, prompts: str | Sequence[str], thr
 
         def flush() -> Iterator[VideoFrameMasks]:
             nonlocal state, index
-            for probs, presence in _run(run, batch, prompts, len(batch), False):
+            for probs, presence in _run(run, batch, prompts, len(batch), False, flip):
                 if smoothing and state is not None and state[0].shape == probs.shape:
                     probs = smoothing * state[0] + (1 - smoothing) * probs
                     if presence is not None and state[1] is not None:
@@ -311,7 +311,7 @@ def segment_video(model: Any, video: Any, prompts: str | Sequence[str], threshol
                   track: bool | None = None, tracker_options: dict[str, Any] | None = None,
                   max_frames: int | None = None, out: str | os.PathLike[str] | None = None, out_format: str = "mp4",
                   names: Sequence[str] | None = None, stem: str | None = None, overlay: bool = True,
-                  progress: bool = True, precision: str = "fp32") -> Any:
+                  progress: bool = True, precision: str = "fp32", flip: Any = "model") -> Any:
     """Segment what the prompts describe in every frame of a video.
 
     Args:
@@ -329,7 +329,7 @@ def segment_video(model: Any, video: Any, prompts: str | Sequence[str], threshol
         tracker_options: settings of the family's tracker for this call (SAM 3: ``score_threshold_detection``,
             ``new_det_thresh``, ``hotstart_delay``, ...).
         max_frames: stop after this many frames.
-        precision: as in ``vlseg.segment`` (frame-by-frame families).
+        precision, flip: as in ``vlseg.segment`` (frame-by-frame families).
         out: a folder: masks are written as they come (nothing is kept in memory) and the written paths are
             returned; None: the masks are returned.
         out_format: ``"mp4"`` (lossless mask videos + an overlay video) or ``"png"`` (PNG sequences).
@@ -343,7 +343,7 @@ def segment_video(model: Any, video: Any, prompts: str | Sequence[str], threshol
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     kw = dict(threshold=threshold, presence_threshold=presence_threshold, batch_size=batch_size,
               smoothing=smoothing, track=track, tracker_options=tracker_options, max_frames=max_frames,
-              progress=progress, precision=precision)
+              progress=progress, precision=precision, flip=flip)
     if out is None:
         return np.stack([r.masks for r in iter_segment_video(model, video, prompts, **kw)])
     from .naming import unique_slugs
