@@ -128,6 +128,11 @@ def test_frame_by_frame_family_batches_and_smooths():
     assert [r.index for r in smooth] == list(range(T))
     with pytest.raises(ValueError, match="smoothing"):
         vlseg.segment_video(model, frames, ["x"], smoothing=1.0)
+    flipped = vlseg.segment_video(model, frames, ["white square", "liver"], batch_size=4, progress=False, flip=True)
+    np.testing.assert_array_equal(flipped, np.stack(vlseg.segment(model, list(frames), ["white square", "liver"],
+                                                                  flip=True)))  # mirror TTA as for images
+    with pytest.raises(ValueError, match="flip"):
+        vlseg.segment_video(model, frames, ["x"], flip="yes", progress=False)
     with pytest.raises(ValueError, match="cannot track"):
         vlseg.segment_video(model, frames, ["x"], track=True, progress=False)
 

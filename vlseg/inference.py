@@ -41,7 +41,7 @@ class Instances:
 
 
 def _run(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: int, autocast: bool,
-         flip: FlipSetting = "model") -> list[tuple[np.ndarray, np.ndarray | None]]:
+         flip: bool = False) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """-> per image: (K, H, W) float32 probabilities at the image's size, (K,) presence probabilities or None."""
     return [(probs, presence) for probs, presence, _ in
             _run_detailed(model, items, prompts, batch_size, autocast, flip=flip)]
@@ -63,18 +63,18 @@ def flip_enabled(model: VLSegModel, flip: FlipSetting) -> bool:
 
 
 def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch_size: int, autocast: bool,
-                  boxes: BoxPrompts | None = None, threshold: float | None = None, flip: FlipSetting = "model"
+                  boxes: BoxPrompts | None = None, threshold: float | None = None, flip: bool = False
                   ) -> list[tuple[np.ndarray, np.ndarray | None, list[Instances] | None]]:
     """``_run`` plus box prompts (rows for one image) and, for families that detect instances, each prompt's
     instances (masks cut at ``threshold``). Their semantic probability is the highest kept instance probability,
     so the mask is the union of the instance masks (as SAM 3's post-processing).
 
-    ``flip`` (test-time augmentation): also run each image mirrored left-right, in the same forward pass, and
-    average the two views' pixel probabilities (the mirrored one mirrored back) and presence probabilities."""
+    ``flip`` (test-time augmentation, resolved by the caller with ``flip_enabled``): also run each image mirrored
+    left-right, in the same forward pass, and average the two views' pixel probabilities (the mirrored one mirrored
+    back) and presence probabilities."""
     out = []
     dev = model.device
-    use_flip = flip_enabled(model, flip)
-    if use_flip and boxes is not None:
+    if flip and boxes is not None:
         raise ValueError("flip test-time augmentation does not take box prompts: pass flip=False with boxes")
     was_training = model.training
     if was_training:  # (toggling walks every submodule: skipped when the model is already in eval mode)
@@ -85,7 +85,7 @@ def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch
             with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
                 pv = model.processor(arrays, device=dev)
                 n = len(arrays)
-                if use_flip:  # both views in one batch: images 0..n-1 as given, n..2n-1 mirrored (B, 3, S, S)
+                if flip:  # both views in one batch: images 0..n-1 as given, n..2n-1 mirrored (B, 3, S, S)
                     pv = torch.cat([pv, pv.flip(-1)])
                 res = model(pv, prompts) if boxes is None else model(pv, prompts, boxes=boxes)
                 for i, arr in enumerate(arrays):
@@ -95,7 +95,7 @@ def _run_detailed(model: VLSegModel, items: list[Any], prompts: list[str], batch
                         probs, inst = _instance_probs(model, res.instances, i, arr.shape[:2], threshold)
                     else:  # sigmoid at the model's resolution, then resize probabilities (as upstream pipelines do)
                         low = torch.sigmoid(res.logits[i].float())  # (K, h, w)
-                        if use_flip:
+                        if flip:
                             low = (low + torch.sigmoid(res.logits[n + i].float()).flip(-1)) / 2
                             if presence is not None:
                                 presence = (presence + torch.sigmoid(res.presence[n + i].float())) / 2

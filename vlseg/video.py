@@ -235,7 +235,7 @@ def iter_segment_video(model: Any, video: Any, prompts: str | Sequence[str], thr
     """Yield one ``VideoFrameMasks`` per frame, in order, reading frames as it goes (see ``segment_video``)."""
     from tqdm.auto import tqdm
 
-    from .inference import _gate, _run, presence_cutoff, with_precision
+    from .inference import _gate, _run, flip_enabled, presence_cutoff, with_precision
     from .model import VLSegModel, normalize_prompts
 
     if not isinstance(model, VLSegModel):
@@ -248,6 +248,7 @@ def iter_segment_video(model: Any, video: Any, prompts: str | Sequence[str], thr
         raise ValueError(f"smoothing is an exponential-average weight in [0, 1), got {smoothing}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    use_flip = flip_enabled(model, flip)  # a bad value, or flip for a family that tracks instances, fails here
     src = open_video(video)
     frames: Iterable[np.ndarray] = src.frames
     total = src.num_frames
@@ -286,7 +287,7 @@ def iter_segment_video(model: Any, video: Any, prompts: str | Sequence[str], thr
 
         def flush() -> Iterator[VideoFrameMasks]:
             nonlocal state, index
-            for probs, presence in _run(run, batch, prompts, len(batch), False, flip):
+            for probs, presence in _run(run, batch, prompts, len(batch), False, use_flip):
                 if smoothing and state is not None and state[0].shape == probs.shape:
                     probs = smoothing * state[0] + (1 - smoothing) * probs
                     if presence is not None and state[1] is not None:
