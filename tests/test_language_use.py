@@ -108,6 +108,43 @@ def test_wrong_classes_are_safe_and_deterministic():
             assert "polyp" not in dict(it.wrong)
 
 
+def test_wrong_class_draw_ignores_paths_and_row_order():
+    # the same images under other paths (absolute vs relative manifest spellings) and in another row order must be
+    # asked the same wrong classes: the draw is keyed by dataset + pixels, and the candidates are sorted
+    ds = make_dataset(3)
+    moved = type(ds)([{**r, "image": f"/elsewhere/{r['dataset']}/{r['image']}.png"} for r in reversed(ds.records)])
+
+    def draws(d, per_kind=lu.WRONG_PER_KIND):
+        items = lu._items(d, lu.select_groups(d, max_images=None, seed=0), seed=5, progress=False,
+                          wrong_per_kind=per_kind)
+        return {lu.draw_key(it.dataset, it.image): sorted(it.wrong) for it in items}
+
+    first = draws(ds)
+    assert len(first) == 12 and draws(moved) == first
+    assert draws(ds) != {k: v for k, v in zip(first, reversed(list(first.values())))}  # not all alike
+    for key, wrong in first.items():
+        names = [c for c, _ in wrong]
+        assert len(names) == len(set(names))  # no class twice
+        assert sum(k == "random" for _, k in wrong) == 2  # tools/em/skins/polyps each leave >= 2 other classes
+        if key.startswith(("polyps:", "skins:")):  # each other's one look-alike in this pool
+            assert [c for c, k in wrong if k == "hard"] == ["skin lesion" if key[0] == "p" else "polyp"]
+    one = draws(ds, 1)
+    assert all(sum(k == "random" for _, k in v) == 1 and len(v) <= 2 for v in one.values()) and one != first
+    assert lu.draw_key("a", np.zeros((2, 2, 3), np.uint8)) != lu.draw_key("a", np.zeros((2, 2, 3), np.uint8) + 1)
+    assert lu.draw_key("a", np.zeros((2, 2, 3), np.uint8)) != lu.draw_key("b", np.zeros((2, 2, 3), np.uint8))
+    with pytest.raises(ValueError, match="wrong_per_kind"):
+        draws(ds, 0)
+    # the report asks every drawn class as a class name, and the first of each kind at every prompt level too
+    rows = lu.language_use_report(ignores_prompt, ds, n_canvases=1, canvas_size=64, keep_rows=True)["rows"]
+    for it in lu._items(ds, lu.select_groups(ds, None, 0), seed=0, progress=False):
+        asked = [(r["class"], r["kind"][6:]) for r in rows["presence"]
+                 if r["image"] == it.key and r["kind"].startswith("wrong_")]
+        assert asked == it.wrong
+        by_level = [r["class"] for r in rows["levels_wrong"] if r["image"] == it.key and r["level"] == "p5"]
+        firsts = [next(c for c, k in it.wrong if k == kind) for kind in dict.fromkeys(k for _, k in it.wrong)]
+        assert by_level == firsts
+
+
 def test_auroc():
     assert lu.auroc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == 1.0
     assert lu.auroc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9]) == 0.0

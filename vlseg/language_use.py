@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from . import Prediction
 
 # Targets (measured on the main job's validation split).
-WRONG_CLASS_EMPTY_MIN = 0.95  # wrong-class prompt -> empty mask on at least this share of images
+WRONG_CLASS_EMPTY_MIN = 0.95  # wrong-class prompts -> empty mask on at least this share of them
 PRESENCE_AUROC_MIN = 0.97  # present vs (wrong-class + annotated-absent) prompts
 CANVAS_GAIN_MIN = 0.10  # composite canvases: class-prompt Dice minus empty-prompt Dice
 CANVAS_LEAK_MAX = 0.05  # composite canvases: share of the predicted area on other tiles
@@ -163,25 +163,40 @@ def select_groups(dataset: Any, max_images: int | None = None, seed: int = 0) ->
     return out
 
 
-def _wrong_classes(item: _Item, others: list[str], seed: int) -> list[tuple[str, str]]:
-    """One look-alike (when a valid one exists) and one other class, from other datasets' classes (the
-    library's when the evaluation set has one dataset), never a relative or a possibly-present class."""
-    rng = random.Random(f"{seed}:{item.key}")
+WRONG_PER_KIND = 2  # wrong-class prompts per image: up to this many look-alikes and this many other classes
+
+
+def draw_key(dataset: str, image: np.ndarray) -> str:
+    """The key that seeds an image's wrong-class draw: its dataset and a hash of its pixels, so the draw (and every
+    figure it feeds) is the same however the manifest or image paths are spelt (relative or absolute, moved)."""
+    import hashlib
+
+    a = np.ascontiguousarray(image)
+    return f"{dataset}:{hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:16]}"
+
+
+def _wrong_classes(item: _Item, others: list[str], seed: int, per_kind: int = WRONG_PER_KIND
+                   ) -> list[tuple[str, str]]:
+    """Up to ``per_kind`` look-alikes (when valid ones exist) and ``per_kind`` other classes, from other datasets'
+    classes (the library's when the evaluation set has one dataset), never a relative or a possibly-present class,
+    no class twice. Drawn without replacement from the sorted candidates, seeded by ``seed`` and the image's
+    ``draw_key``: the same classes whatever the order of the manifest's rows or how its paths are spelt."""
+    rng = random.Random(f"{seed}:{draw_key(item.dataset, item.image)}")
     valid = negative_candidates(others, item.present, (), item.context, hard_first=False)
     hard = hard_subset(valid, item.present)
     if not hard:  # look-alikes the evaluation set lacks (e.g. "foot ulcer" for a polyp)
         lib = [h for p in item.present for h in hard_negatives(p)]
         hard = negative_candidates(lib, item.present, (), item.context, hard_first=False)
-    out = []
-    if hard:
-        out.append((rng.choice(hard), "hard"))
+    out = [(c, "hard") for c in rng.sample(sorted(hard), min(per_kind, len(hard)))]
     rest = [c for c in valid if not any(is_relative(c, h) for h, _ in out)]
-    if rest:
-        out.append((rng.choice(rest), "random"))
+    out += [(c, "random") for c in rng.sample(sorted(rest), min(per_kind, len(rest)))]
     return out
 
 
-def _items(dataset: Any, groups: Sequence[ImageGroup], seed: int, progress: bool) -> Iterable[_Item]:
+def _items(dataset: Any, groups: Sequence[ImageGroup], seed: int, progress: bool,
+           wrong_per_kind: int = WRONG_PER_KIND) -> Iterable[_Item]:
+    if wrong_per_kind < 1:
+        raise ValueError(f"wrong_per_kind must be at least 1, got {wrong_per_kind}")
     classes = _dataset_classes(dataset)
     multi = len(classes) > 1
     for g in _progress(groups, progress, "language use"):
@@ -193,7 +208,7 @@ def _items(dataset: Any, groups: Sequence[ImageGroup], seed: int, progress: bool
         item = _Item(key=g.key, dataset=g.dataset, image=image, masks=masks, present=present, absent=absent,
                      context=classes.get(g.dataset, list(masks)))
         others = ([c for d, cs in classes.items() if d != g.dataset for c in cs] if multi else library_classes())
-        item.wrong = _wrong_classes(item, others, seed)
+        item.wrong = _wrong_classes(item, others, seed, wrong_per_kind)
         yield item
 
 
@@ -288,6 +303,15 @@ def _presence_row(base: dict[str, Any], class_name: str, label: bool, kind: str,
             "nonempty": bool(o.ungated.any()), "empty": not o.mask.any()}
 
 
+def _first_of_each_kind(wrong: Sequence[tuple[str, str]]) -> list[str]:
+    """The first look-alike and the first other class drawn: the ones also asked at every prompt level (all of them
+    are asked as class names; nine levels of each would double the report's prompts)."""
+    firsts: dict[str, str] = {}
+    for c, kind in wrong:
+        firsts.setdefault(kind, c)
+    return list(firsts.values())
+
+
 def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_prompt: bool,
                 pixel_threshold: float = 0.5) -> tuple[dict[str, list[dict[str, Any]]], bool]:
     """One model call per image for every per-image check -> rows per check, has_presence_head."""
@@ -299,8 +323,8 @@ def _image_rows(fn: PredictFn, items: Iterable[_Item], levels: bool, empty_promp
         p1 = {c: _p1(c, m) for c, m in it.masks.items()}
         lv = {(c, lvl): (generate(it.masks[c], c, lvl) or c) for c in it.present for lvl in LEVELS} if levels else {}
         wrong = {c: _p1(c, shape=hw) for c, _ in it.wrong}
-        lvw = {(c, lvl): (generate(np.zeros(hw, bool), c, lvl) or c) for c, _ in it.wrong for lvl in LEVELS} \
-            if levels else {}
+        lvw = {(c, lvl): (generate(np.zeros(hw, bool), c, lvl) or c) for c in _first_of_each_kind(it.wrong)
+               for lvl in LEVELS} if levels else {}
         prompts = [*p1.values(), *lv.values(), *wrong.values(), *lvw.values()] + ([""] if empty_prompt else [])
         out, h = _call(fn, it.image, prompts, pixel_threshold)
         head = head or h
@@ -459,7 +483,7 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
                         n_canvases: int | None = None, canvas_tiles: tuple[int, int] = (2, 2),
                         canvas_size: int = 512, levels: bool = True, progress: bool = False,
                         predict_kwargs: Mapping[str, Any] | None = None, keep_rows: bool = False,
-                        canvas_examples: int = 0) -> dict[str, Any]:
+                        canvas_examples: int = 0, wrong_per_kind: int = WRONG_PER_KIND) -> dict[str, Any]:
     """All language-use checks on a dataset, as a JSON-serialisable dict (``metrics.json["language_use"]``).
 
     Args:
@@ -477,6 +501,8 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         canvas_examples: also return that many scored (canvas, class) pairs under ``"canvas_examples"``: dicts with
             ``image`` (S, S, 3) uint8, ``target`` and ``pred`` (S, S) bool, ``class``, ``canvas``, ``leak`` (for
             pictures; not JSON).
+        wrong_per_kind: wrong-class prompts asked of each image: up to this many look-alikes and as many other
+            classes, drawn without replacement (seeded by ``seed`` and each image's pixels, not its path).
     Returns:
         {"wrong_class", "presence", "composite", "own_other", "levels", "class_vs_empty", "n_images",
         "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
@@ -484,11 +510,12 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         gives the same prompts' Dice before the presence gate (``per_level_ungated``, ``spread_ungated``) and the
         share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows, and
         the share of wrong-class prompts phrased at each level that give an empty mask
-        (``wrong_class_empty_per_level``: the wrong-class check itself asks class names only).
+        (``wrong_class_empty_per_level``, over the first look-alike and the first other class of each image; the
+        wrong-class check itself asks all the drawn classes, as class names only).
     """
     fn = as_predict_fn(model, predict_kwargs)
     groups = select_groups(dataset, max_images, seed)
-    items = list(_items(dataset, groups, seed, False))
+    items = list(_items(dataset, groups, seed, False, wrong_per_kind))
     rows, head = _image_rows(fn, _progress(items, progress, "language use: images"), levels, True,
                              _pixel_threshold(predict_kwargs))
     n_canvases = min(64, max(1, len(items) // 2)) if n_canvases is None else n_canvases
@@ -500,6 +527,7 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
     for it in items:
         per_ds[it.dataset] = per_ds.get(it.dataset, 0) + 1
     report.update(n_images=len(items), images_per_dataset=per_ds, targets=dict(TARGETS), seed=seed,
+                  wrong_per_kind=wrong_per_kind,
                   n_pass=sum(passes), n_checks=len(passes), **{"pass": bool(passes) and all(passes)})
     if keep_rows:
         report["rows"] = {**rows, "composite": canvas}
@@ -543,7 +571,8 @@ def summary_line(report: Mapping[str, Any]) -> str:
 
 def presence_calibration(model: Any, dataset: Any, seed: int = 0, max_images: int | None = 200,
                          min_specificity: float = WRONG_CLASS_EMPTY_MIN, min_sensitivity: float = 0.9,
-                         predict_kwargs: Mapping[str, Any] | None = None, progress: bool = False) -> dict[str, Any]:
+                         predict_kwargs: Mapping[str, Any] | None = None, progress: bool = False,
+                         wrong_per_kind: int = WRONG_PER_KIND) -> dict[str, Any]:
     """Presence scores of true, annotated-absent and wrong-class prompts on (validation) images, and the
     threshold ``choose_presence_threshold`` picks from them. Returns its dict plus ``has_presence_head``,
     ``auroc``, ``n_positive``, ``n_negative``. Only a presence head is gated by the threshold in
@@ -551,7 +580,7 @@ def presence_calibration(model: Any, dataset: Any, seed: int = 0, max_images: in
     kw = dict(predict_kwargs or {})
     pixel_threshold = _pixel_threshold(kw)
     fn = as_predict_fn(model, kw)
-    items = _items(dataset, select_groups(dataset, max_images, seed), seed, progress)
+    items = _items(dataset, select_groups(dataset, max_images, seed), seed, progress, wrong_per_kind)
     rows, head = _image_rows(fn, items, levels=False, empty_prompt=False, pixel_threshold=pixel_threshold)
     pres = rows["presence"]
     labels = [r["label"] for r in pres]
@@ -565,15 +594,16 @@ def presence_calibration(model: Any, dataset: Any, seed: int = 0, max_images: in
 
 def calibrate_presence(model: Any, dataset: Any, seed: int = 0, max_images: int | None = 200,
                        min_specificity: float = WRONG_CLASS_EMPTY_MIN, min_sensitivity: float = 0.9,
-                       predict_kwargs: Mapping[str, Any] | None = None, progress: bool = False) -> float:
+                       predict_kwargs: Mapping[str, Any] | None = None, progress: bool = False,
+                       wrong_per_kind: int = WRONG_PER_KIND) -> float:
     """The presence threshold to store in the checkpoint (``presence_calibration(...)["threshold"]``; see
     ``choose_presence_threshold`` for the criterion). Run it on a validation split, never on test data."""
     return float(presence_calibration(model, dataset, seed, max_images, min_specificity, min_sensitivity,
-                                      predict_kwargs, progress)["threshold"])
+                                      predict_kwargs, progress, wrong_per_kind)["threshold"])
 
 
 __all__ = [
     "CANVAS_GAIN_MIN", "CANVAS_LEAK_MAX", "CHECKS", "LEVELS", "LEVEL_SPREAD_MAX", "OWN_OTHER_RATIO_MIN",
-    "PRESENCE_AUROC_MIN", "TARGETS", "WRONG_CLASS_EMPTY_MIN", "as_predict_fn", "auroc", "calibrate_presence",
-    "choose_presence_threshold", "language_use_report", "presence_calibration", "select_groups", "summary_line",
+    "PRESENCE_AUROC_MIN", "TARGETS", "WRONG_CLASS_EMPTY_MIN", "WRONG_PER_KIND", "as_predict_fn", "auroc",
+    "calibrate_presence", "choose_presence_threshold", "draw_key", "language_use_report", "presence_calibration", "select_groups", "summary_line",
 ]
