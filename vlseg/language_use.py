@@ -20,6 +20,7 @@ call) or any callable ``(image (H, W, 3) uint8, prompts: list[str]) -> vlseg.Pre
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import random
@@ -169,8 +170,6 @@ WRONG_PER_KIND = 2  # wrong-class prompts per image: up to this many look-alikes
 def draw_key(dataset: str, image: np.ndarray) -> str:
     """The key that seeds an image's wrong-class draw: its dataset and a hash of its pixels, so the draw (and every
     figure it feeds) is the same however the manifest or image paths are spelt (relative or absolute, moved)."""
-    import hashlib
-
     a = np.ascontiguousarray(image)
     return f"{dataset}:{hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:16]}"
 
@@ -245,6 +244,12 @@ def auroc(labels: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndar
     return float(roc_auc_score(y, s))
 
 
+def _check_minimums(min_specificity: float, min_sensitivity: float) -> None:
+    for name, v in (("min_specificity", min_specificity), ("min_sensitivity", min_sensitivity)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+
+
 def choose_presence_threshold(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray,
                               pixel_nonempty: Sequence[bool] | np.ndarray | None = None,
                               min_specificity: float = WRONG_CLASS_EMPTY_MIN, min_sensitivity: float = 0.9
@@ -268,8 +273,9 @@ def choose_presence_threshold(scores: Sequence[float] | np.ndarray, labels: Sequ
         {"threshold", "criterion", "tpr", "tnr", "curve": {"threshold": [...], "tpr": [...], "tnr": [...]}}
         where TPR/TNR count the masks left non-empty / emptied at that threshold.
     Raises:
-        ValueError: mismatched lengths, or no positives or no negatives.
+        ValueError: mismatched lengths, no positives or no negatives, or a minimum outside [0, 1].
     """
+    _check_minimums(min_specificity, min_sensitivity)
     s = np.asarray(scores, np.float64)
     y = np.asarray(labels, bool)
     ne = np.ones_like(y) if pixel_nonempty is None else np.asarray(pixel_nonempty, bool)
@@ -577,6 +583,7 @@ def presence_calibration(model: Any, dataset: Any, seed: int = 0, max_images: in
     threshold ``choose_presence_threshold`` picks from them. Returns its dict plus ``has_presence_head``,
     ``auroc``, ``n_positive``, ``n_negative``. Only a presence head is gated by the threshold in
     ``segment``/``predict``; without one the number is reported but has no effect."""
+    _check_minimums(min_specificity, min_sensitivity)  # before any image is run
     kw = dict(predict_kwargs or {})
     pixel_threshold = _pixel_threshold(kw)
     fn = as_predict_fn(model, kw)
