@@ -144,3 +144,40 @@ def test_segment_flip_flag(ckpt, tmp_path):
         assert main(["segment", str(tmp_path / "a.png"), "-p", "polyp", "-m", ckpt, "-o", str(out), "--threshold",
                      str(t), "--precision", "fp32", "--flip", flag]) == 0
         np.testing.assert_array_equal(np.asarray(Image.open(out / "a__polyp.png")) > 0, want[f])
+
+
+def test_calibrate_writes_a_calibrated_copy(tmp_path, capsys):
+    from test_finetune import synthetic_manifest
+
+    from vlseg.cli import _split_dataset, build_parser
+    from vlseg.language_use import presence_calibration
+
+    mf = synthetic_manifest(tmp_path / "d", n=16)
+    src = Path(vlseg.create_model("tiny-test", pretrained=False).save_pretrained(tmp_path / "ck"))  # untuned presence
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    argv = ["calibrate", "--model", str(src), "--data", str(mf), "--out", str(tmp_path / "cal"), "--seed", "3",
+            "--max-images", "6"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    # the same number as the library call on the same split and draw; the source checkpoint is untouched
+    ds = _split_dataset(build_parser().parse_args(argv))
+    want = presence_calibration(vlseg.load(src), ds, seed=3, max_images=6)
+    got = vlseg.load(tmp_path / "cal")
+    assert got.config.presence_threshold == pytest.approx(want["threshold"]) and 0 < want["threshold"] < 1
+    assert vlseg.load(src).config.presence_threshold is None
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    rec = json.loads((tmp_path / "cal" / "calibration.json").read_text())
+    assert rec["threshold"] == pytest.approx(want["threshold"]) and rec["n_negative"] == want["n_negative"] > 0
+    assert "presence threshold unset (0.5) -> " in printed and "true masks kept" in printed
+    # refused: an existing --out, the checkpoint itself, a folder that is not a checkpoint, no presence head
+    capsys.readouterr()
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*argv, "--out", str(src)]) == 2 and "already exists" in capsys.readouterr().err
+    assert main(["calibrate", "--model", str(tmp_path / "d"), "--data", str(mf), "--out", str(tmp_path / "x")]) == 2
+    assert "not a vlseg checkpoint" in capsys.readouterr().err
+    vlseg.create_model("tiny-test", pretrained=False, presence=False).save_pretrained(tmp_path / "nohead")
+    assert main(["calibrate", "--model", str(tmp_path / "nohead"), "--data", str(mf), "--out", str(tmp_path / "y")]) == 2
+    assert "no presence head" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "z"), "--min-specificity", "95"]) == 2
+    assert "min_specificity must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()

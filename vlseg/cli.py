@@ -1,9 +1,10 @@
-"""The ``vlseg`` command line: ``segment``, ``models``, ``info``, ``evaluate``, ``ask``. Each command parses its
+"""The ``vlseg`` command line: ``segment``, ``models``, ``info``, ``evaluate``, ``calibrate``, ``ask``. Each command parses its
 arguments, calls the public API and writes or prints the result.
 
     vlseg segment scans/ --prompt "polyp" --model runs/x/best --out masks/
     accelerate launch -m vlseg.cli segment scans/ --prompt "polyp" --model runs/x/best --out masks/   # shards inputs
     vlseg evaluate --model runs/x/best --data ../shared/data/manifest_all.jsonl --split val --out runs/x/eval
+    vlseg calibrate --model runs/x/best --data site.jsonl --split all --out runs/x/best-site
     vlseg ask frame.png --question "Is there any grasper?" --model runs/vqa/best --out answers/
 
 Errors are one readable line on stderr and exit code 2.
@@ -170,23 +171,62 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    import vlseg
+def _split_dataset(args: argparse.Namespace) -> Any:
+    """``--data`` read, then ``--split`` of it: the reproducible group split that finetune/train.py uses."""
     from vlseg.data import from_spec, train_val_split
-    from vlseg.evaluation import evaluate, report_lines
 
-    model = vlseg.load_or_create(args.model, args.pretrained)
     _, ds = from_spec(args.data)
     if args.split != "all":
         split_seed = args.seed if args.split_seed is None else args.split_seed
         train, val = train_val_split(ds, args.val_fraction, seed=split_seed)
         ds = val if args.split == "val" else train
+    return ds
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import vlseg
+    from vlseg.evaluation import evaluate, report_lines
+
+    model = vlseg.load_or_create(args.model, args.pretrained)
+    ds = _split_dataset(args)
     summary = evaluate(model, ds, args.out, levels=args.levels, max_samples=args.max_samples, seed=args.seed,
                        ablations=not args.no_ablations, language_use=not args.no_language_use,
                        language_use_images=args.language_use_images, overlays=args.overlays,
                        precision=args.precision)
     print("\n".join(report_lines(summary)))
     print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Choose a checkpoint's presence threshold on labelled images and write a copy of the checkpoint carrying it
+    (the source folder is never changed)."""
+    import vlseg
+    from vlseg.language_use import presence_calibration
+
+    src, out = Path(args.model), Path(args.out)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"--model {src}: not a vlseg checkpoint folder (no config.json)")
+    if out.exists() and (out.resolve() == src.resolve() or not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out} already exists; give a new folder (the calibrated copy never replaces "
+                              "a checkpoint or other files)")
+    model = vlseg.load(src)
+    if not model.config.presence:
+        raise ValueError(f"{src} has no presence head: there is no presence threshold to calibrate")
+    ds = _split_dataset(args)
+    cal = presence_calibration(model, ds, seed=args.seed, max_images=args.max_images,
+                               min_specificity=args.min_specificity, min_sensitivity=args.min_sensitivity,
+                               progress=True)
+    before = model.config.presence_threshold
+    model.config.presence_threshold = float(cal["threshold"])
+    model.save_pretrained(out, overwrite=False)
+    (out / "calibration.json").write_text(json.dumps({"source": str(src), "data": args.data, "split": args.split,
+                                                       "previous_threshold": before, **cal}, indent=2))
+    auc = "n/a" if cal["auroc"] is None else f"{cal['auroc']:.3f}"
+    print(f"presence threshold {'unset (0.5)' if before is None else f'{before:.4f}'} -> {cal['threshold']:.4f}: "
+          f"true masks kept {cal['tpr']:.1%}, negatives emptied {cal['tnr']:.1%} ({cal['n_positive']} true, "
+          f"{cal['n_negative']} absent or wrong-class prompts; presence AUROC {auc}); {cal['criterion']}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -297,6 +337,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                    help="fp32 (default): the model as trained; auto: what `segment --precision auto` runs here")
     e.set_defaults(func=cmd_evaluate)
+    c = sub.add_parser("calibrate", help="choose a checkpoint's presence threshold on labelled images; writes a "
+                       "calibrated copy")
+    c.add_argument("--model", required=True, help="vlseg checkpoint folder (left unchanged)")
+    c.add_argument("--data", required=True, help="manifest (.jsonl/.csv), HF dataset, or IMAGES:MASKS folders")
+    c.add_argument("--out", required=True, help="new folder for the calibrated checkpoint (must not exist)")
+    c.add_argument("--split", choices=["all", "train", "val"], default="val",
+                   help="the reproducible group split that finetune/train.py uses (default: val; never test data)")
+    c.add_argument("--val-fraction", type=float, default=0.2)
+    c.add_argument("--seed", type=int, default=0, help="the split's seed (the run's `seed`) and the wrong-class draw")
+    c.add_argument("--split-seed", type=int, default=None,
+                   help="the split's seed when the run set `split_seed` (default: --seed)")
+    c.add_argument("--max-images", type=int, default=200)
+    c.add_argument("--min-specificity", type=float, default=0.95,
+                   help="share of absent / wrong-class prompts the gate must empty")
+    c.add_argument("--min-sensitivity", type=float, default=0.9,
+                   help="below this share of true masks kept, fall back to balanced accuracy")
+    c.set_defaults(func=cmd_calibrate)
     q = sub.add_parser("ask", help="answer questions about an image (a VQA model) and write the answer masks")
     q.add_argument("image", help="PNG/JPEG/TIFF/DICOM image")
     q.add_argument("--question", "-q", action="append", required=True, help="repeat for several questions")
