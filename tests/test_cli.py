@@ -176,7 +176,8 @@ def test_calibrate_writes_a_calibrated_copy(tmp_path, capsys):
     assert main(["calibrate", "--model", str(tmp_path / "d"), "--data", str(mf), "--out", str(tmp_path / "x")]) == 2
     assert "not a vlseg checkpoint" in capsys.readouterr().err
     vlseg.create_model("tiny-test", pretrained=False, presence=False).save_pretrained(tmp_path / "nohead")
-    assert main(["calibrate", "--model", str(tmp_path / "nohead"), "--data", str(mf), "--out", str(tmp_path / "y")]) == 2
+    nohead = ["calibrate", "--model", str(tmp_path / "nohead"), "--data", str(mf), "--out", str(tmp_path / "y")]
+    assert main(nohead) == 2
     assert "no presence head" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path / "z"), "--min-specificity", "95"]) == 2
     assert "min_specificity must be in [0, 1]" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The ``vlseg`` command line: ``segment``, ``models``, ``info``, ``evaluate``, ``calibrate``, ``ask``. Each command parses its
-arguments, calls the public API and writes or prints the result.
+"""The ``vlseg`` command line: ``segment``, ``models``, ``info``, ``evaluate``, ``calibrate``, ``ask``. Each command
+parses its arguments, calls the public API and writes or prints the result.
 
     vlseg segment scans/ --prompt "polyp" --model runs/x/best --out masks/
     accelerate launch -m vlseg.cli segment scans/ --prompt "polyp" --model runs/x/best --out masks/   # shards inputs
@@ -284,6 +284,17 @@ def _presence(text: str) -> float | None | str:
     return float(text)
 
 
+def _add_data_args(p: argparse.ArgumentParser, default_split: str, seed_also: str) -> None:
+    """--data and the split options that ``_split_dataset`` reads."""
+    p.add_argument("--data", required=True, help="manifest (.jsonl/.csv), HF dataset, or IMAGES:MASKS folders")
+    p.add_argument("--split", choices=["all", "train", "val"], default=default_split,
+                   help=f"the reproducible group split that finetune/train.py uses (default: {default_split})")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0, help=f"the split's seed (the run's `seed`) and {seed_also}")
+    p.add_argument("--split-seed", type=int, default=None,
+                   help="the split's seed when the run set `split_seed` (default: --seed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vlseg", description="Text-prompted medical image segmentation.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -320,15 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics, language use and overlays of a model on a dataset")
     e.add_argument("--model", required=True, help="vlseg checkpoint folder, hf-hub:org/repo, or preset name")
     e.add_argument("--pretrained", default="true", help="for a preset: true, false, or a local upstream folder")
-    e.add_argument("--data", required=True, help="manifest (.jsonl/.csv), HF dataset, or IMAGES:MASKS folders")
+    _add_data_args(e, "all", "the report's picks")
     e.add_argument("--out", required=True)
     e.add_argument("--levels", nargs="+", default=["p1", "p6"], help="prompt levels (the first for ablations)")
-    e.add_argument("--split", choices=["all", "train", "val"], default="all",
-                   help="evaluate on the reproducible group split that finetune/train.py uses")
-    e.add_argument("--val-fraction", type=float, default=0.2)
-    e.add_argument("--seed", type=int, default=0, help="the split's seed (the run's `seed`) and the report's picks")
-    e.add_argument("--split-seed", type=int, default=None,
-                   help="the split's seed when the run set `split_seed` (default: --seed)")
     e.add_argument("--max-samples", type=int, default=None)
     e.add_argument("--no-ablations", action="store_true")
     e.add_argument("--no-language-use", action="store_true")
@@ -340,14 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="choose a checkpoint's presence threshold on labelled images; writes a "
                        "calibrated copy")
     c.add_argument("--model", required=True, help="vlseg checkpoint folder (left unchanged)")
-    c.add_argument("--data", required=True, help="manifest (.jsonl/.csv), HF dataset, or IMAGES:MASKS folders")
+    _add_data_args(c, "val", "the wrong-class draw")
     c.add_argument("--out", required=True, help="new folder for the calibrated checkpoint (must not exist)")
-    c.add_argument("--split", choices=["all", "train", "val"], default="val",
-                   help="the reproducible group split that finetune/train.py uses (default: val; never test data)")
-    c.add_argument("--val-fraction", type=float, default=0.2)
-    c.add_argument("--seed", type=int, default=0, help="the split's seed (the run's `seed`) and the wrong-class draw")
-    c.add_argument("--split-seed", type=int, default=None,
-                   help="the split's seed when the run set `split_seed` (default: --seed)")
     c.add_argument("--max-images", type=int, default=200)
     c.add_argument("--min-specificity", type=float, default=0.95,
                    help="share of absent / wrong-class prompts the gate must empty")

@@ -612,5 +612,6 @@ def calibrate_presence(model: Any, dataset: Any, seed: int = 0, max_images: int 
 __all__ = [
     "CANVAS_GAIN_MIN", "CANVAS_LEAK_MAX", "CHECKS", "LEVELS", "LEVEL_SPREAD_MAX", "OWN_OTHER_RATIO_MIN",
     "PRESENCE_AUROC_MIN", "TARGETS", "WRONG_CLASS_EMPTY_MIN", "WRONG_PER_KIND", "as_predict_fn", "auroc",
-    "calibrate_presence", "choose_presence_threshold", "draw_key", "language_use_report", "presence_calibration", "select_groups", "summary_line",
+    "calibrate_presence", "choose_presence_threshold", "draw_key", "language_use_report", "presence_calibration",
+    "select_groups", "summary_line",
 ]
