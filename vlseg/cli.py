@@ -214,9 +214,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if not model.config.presence:
         raise ValueError(f"{src} has no presence head: there is no presence threshold to calibrate")
     ds = _split_dataset(args)
-    cal = presence_calibration(model, ds, seed=args.seed, max_images=args.max_images,
-                               min_specificity=args.min_specificity, min_sensitivity=args.min_sensitivity,
-                               progress=True)
+    minimums = {k: v for k, v in (("min_specificity", args.min_specificity), ("min_sensitivity", args.min_sensitivity))
+                if v is not None}  # unset: the library's defaults, the rule training uses
+    cal = presence_calibration(model, ds, seed=args.seed, max_images=args.max_images, progress=True, **minimums)
     before = model.config.presence_threshold
     model.config.presence_threshold = float(cal["threshold"])
     model.save_pretrained(out, overwrite=False)
@@ -348,10 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(c, "val", "the wrong-class draw")
     c.add_argument("--out", required=True, help="new folder for the calibrated checkpoint (must not exist)")
     c.add_argument("--max-images", type=int, default=200)
-    c.add_argument("--min-specificity", type=float, default=0.95,
-                   help="share of absent / wrong-class prompts the gate must empty")
-    c.add_argument("--min-sensitivity", type=float, default=0.9,
-                   help="below this share of true masks kept, fall back to balanced accuracy")
+    c.add_argument("--min-specificity", type=float, default=None,
+                   help="share of absent / wrong-class prompts the gate must empty (default: training's, 0.95)")
+    c.add_argument("--min-sensitivity", type=float, default=None,
+                   help="below this share of true masks kept, use balanced accuracy (default: training's, 0.9)")
     c.set_defaults(func=cmd_calibrate)
     q = sub.add_parser("ask", help="answer questions about an image (a VQA model) and write the answer masks")
     q.add_argument("image", help="PNG/JPEG/TIFF/DICOM image")
