@@ -209,3 +209,32 @@ def test_processor_round_trip():
     back = proc.postprocess(pv[0, :1], (30, 60))
     assert back.shape == (1, 30, 60)
     assert back[0, 5:25, 2:25].min() > 0.9 and back[0, 5:25, 35:].max() < 0.1
+
+
+def test_content_order_follows_file_contents_not_rows_or_paths(tmp_path):
+    """content_order keys file rows by their bytes: a manifest with relative paths and one with absolute paths in
+    reverse row order list the same files in the same content order; rows of one image sort by class name."""
+    from vlseg.data.groups import content_key, content_order
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        Image.fromarray(((rng.random((16, 16)) > 0.5) * 255).astype(np.uint8)).save(tmp_path / "img" / f"{i}_m.png")
+        for c in ("polyp", "instrument"):
+            rows.append({"image": f"img/{i}.png", "mask": f"img/{i}_m.png", "class_name": c, "dataset": "d"})
+    rel = tmp_path / "rel.jsonl"
+    rel.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    absolute = tmp_path / "abs.jsonl"
+    absolute.write_text("".join(json.dumps({**r, "image": str(tmp_path / r["image"]), "mask": str(tmp_path / r["mask"])})
+                                + "\n" for r in reversed(rows)))
+    a, b = vlseg.data.from_manifest(rel), vlseg.data.from_manifest(absolute)
+
+    def listed(ds):
+        return [(ds.records[i]["image"], ds.records[i]["class_name"]) for i in content_order(ds)]
+
+    assert listed(a) == listed(b)
+    assert [c for _, c in listed(a)] == ["instrument", "polyp"] * 5
+    assert [p for p, _ in listed(a)[::2]] != sorted(p for p, _ in listed(a)[::2])  # by content, not by file name
+    assert content_key(a, 0) == content_key(b, len(rows) - 1) != content_key(a, 2)

@@ -145,6 +145,44 @@ def test_wrong_class_draw_ignores_paths_and_row_order():
         assert by_level == firsts
 
 
+def _sloppy(image, prompts):
+    """The oracle's masks shifted right by 0-4 px and its presence scaled, both by the image's pixels: every figure
+    then depends on which images (and canvases) a report takes."""
+    p = oracle(image, prompts)
+    shift = int(lu.draw_key("", image)[-2:], 16) % 5
+    masks = np.roll(p.masks, shift, axis=2)
+    return vlseg.Prediction(masks=masks, probs=masks.astype(np.float32), presence=p.presence * (0.5 + shift / 10),
+                            has_presence_head=True)
+
+
+def test_report_and_evaluation_ignore_paths_and_row_order(monkeypatch):
+    """The whole language-use report (its image selection below max_images, its canvases) and evaluate_dataset's
+    samples and ablation draws are seeded over the images' contents: the same data listed in another order under
+    other paths gives the same figures; another seed gives other ones (so the check is not trivial)."""
+    from vlseg import evaluation
+    from vlseg.data.groups import content_order
+
+    ds = make_dataset(3)
+    moved = type(ds)([{**r, "image": f"/elsewhere/{r['dataset']}/{r['image']}.png"} for r in reversed(ds.records)])
+    assert [ds.records[i]["image"] for i in content_order(ds)] == \
+        [moved.records[i]["image"].split("/")[-1][:-4] for i in content_order(moved)]
+
+    def report(d, seed=0):
+        return lu.language_use_report(_sloppy, d, seed=seed, max_images=7, n_canvases=5, canvas_size=96)
+
+    first = report(ds)
+    assert first["n_images"] == 7 and report(moved) == first
+    assert report(ds, seed=1) != first
+
+    monkeypatch.setattr(evaluation, "segment", lambda model, image, texts, **kw: _sloppy(image, texts).masks)
+
+    def evaluated(d, seed=0):
+        summary, rows = evaluation.evaluate_dataset(None, d, ("p1", "p6"), max_samples=9, seed=seed, ablations=True)
+        return summary, sorted((r["class_name"], r["level"], r["dice"]) for r in rows)
+
+    assert evaluated(moved) == evaluated(ds) and evaluated(ds, seed=2) != evaluated(ds)
+
+
 def test_auroc():
     assert lu.auroc([1, 1, 0, 0], [0.9, 0.8, 0.2, 0.1]) == 1.0
     assert lu.auroc([1, 1, 0, 0], [0.1, 0.2, 0.8, 0.9]) == 0.0

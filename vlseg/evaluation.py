@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics as M
+from .data.groups import content_order
 from .inference import segment
 from .naming import slug
 from .prompts import class_names as library_classes
@@ -26,9 +27,12 @@ def evaluate_dataset(model: Any, dataset: Any, levels: Sequence[str] = ("p1",), 
     ``summary`` has ``all``, ``per_dataset``, ``per_dataset_present`` (only the images where the prompted class is
     present: BUSI's normal scans, say, are left out; an image annotated without its class scores 1 for an empty
     mask and 0 for any other, which ``per_dataset`` averages in), ``per_level`` and (with ``ablations``)
-    ``ablations`` means."""
+    ``ablations`` means. The samples (when ``max_samples`` is below the dataset's size) and the ablations' draws
+    are seeded over the rows in ``content_order``: the same for the same data, whatever the manifest's row order
+    or path spelling."""
     n = len(dataset) if max_samples is None else min(len(dataset), max_samples)
-    order = np.random.default_rng(seed).permutation(len(dataset))[:n]
+    rows_by_content = content_order(dataset)
+    order = [rows_by_content[k] for k in np.random.default_rng(seed).permutation(len(dataset))[:n]]
     rng = random.Random(seed)
     rows: list[dict[str, Any]] = []
     abl: list[dict[str, Any]] = []

@@ -20,7 +20,6 @@ call) or any callable ``(image (H, W, 3) uint8, prompts: list[str]) -> vlseg.Pre
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import random
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .data.composite import CompositeSampler
-from .data.groups import ImageGroup, group_by_image, load_group
+from .data.groups import ImageGroup, content_key, group_by_image, load_group, pixel_digest
 from .data.negatives import hard_subset, is_relative, negative_candidates
 from .metrics import dice
 from .prompts import class_names as library_classes
@@ -149,12 +148,17 @@ def _dataset_classes(dataset: Any) -> dict[str, list[str]]:
 
 def select_groups(dataset: Any, max_images: int | None = None, seed: int = 0) -> list[ImageGroup]:
     """Up to ``max_images`` image groups, taken round-robin over datasets (each in a seeded order), so small
-    datasets are represented. Deterministic in (dataset, max_images, seed)."""
-    by: dict[str, list[ImageGroup]] = {}
+    datasets are represented. Deterministic in the images (their content: ``content_key``), ``max_images`` and
+    ``seed``: the same selection, in the same order (and so the same canvases), whatever the order of the
+    manifest's rows or how its paths are spelt."""
+    by: dict[str, list[tuple[str, ImageGroup]]] = {}
     for g in group_by_image(dataset):
-        by.setdefault(g.dataset, []).append(g)
+        by.setdefault(g.dataset, []).append((content_key(dataset, g.indices[0]), g))
     rng = np.random.default_rng(seed)
-    queues = {d: [gs[i] for i in rng.permutation(len(gs))] for d, gs in sorted(by.items())}
+    queues = {}
+    for d, keyed in sorted(by.items()):
+        gs = [g for _, g in sorted(keyed, key=lambda kg: kg[0])]  # stable: identical images keep their order
+        queues[d] = [gs[i] for i in rng.permutation(len(gs))]
     out: list[ImageGroup] = []
     limit = sum(len(q) for q in queues.values()) if max_images is None else max_images
     while len(out) < limit and any(queues.values()):
@@ -170,8 +174,7 @@ WRONG_PER_KIND = 2  # wrong-class prompts per image: up to this many look-alikes
 def draw_key(dataset: str, image: np.ndarray) -> str:
     """The key that seeds an image's wrong-class draw: its dataset and a hash of its pixels, so the draw (and every
     figure it feeds) is the same however the manifest or image paths are spelt (relative or absolute, moved)."""
-    a = np.ascontiguousarray(image)
-    return f"{dataset}:{hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:16]}"
+    return f"{dataset}:{pixel_digest(image)}"
 
 
 def _wrong_classes(item: _Item, others: list[str], seed: int, per_kind: int = WRONG_PER_KIND

@@ -4,6 +4,8 @@ VQA question generation)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +51,49 @@ def group_by_image(dataset: Any) -> list[ImageGroup]:
         out.append(ImageGroup(key=key, dataset=str(r0.get("dataset", "")), indices=tuple(idx),
                               classes=tuple(str(dataset.records[i].get("class_name", "")) for i in idx)))
     return out
+
+
+def pixel_digest(image: np.ndarray) -> str:
+    """A short hex digest of an array's shape and bytes: the same pixels give the same digest wherever they came
+    from."""
+    a = np.ascontiguousarray(image)
+    return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:16]
+
+
+def content_key(dataset: Any, index: int) -> str:
+    """Row ``index``'s image by content: ``dataset:digest``, the digest of its file's bytes (rows read from files) or
+    of its pixels (in-memory rows). The same however the path is spelt (relative, absolute, moved) and wherever the
+    row stands in the manifest; rows of one image share it."""
+    r = dataset.records[index]
+    path = r.get("image")
+    if isinstance(path, str) and os.path.isfile(path):
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    else:
+        digest = pixel_digest(dataset[index].image)
+    return f"{r.get('dataset', '')}:{digest}"
+
+
+def content_order(dataset: Any) -> list[int]:
+    """Row indices sorted by (image content, class name): an order that depends on what the rows hold, not on how
+    the manifest lists them or spells their paths. Seeded draws over this order (which images to evaluate, which
+    prompt to ask) are then the same for the same data. Reads every image file once (bytes, no decoding)."""
+    records = getattr(dataset, "records", None)
+    if records is None:  # a plain sequence of Samples (in memory)
+        samples = [dataset[i] for i in range(len(dataset))]
+        return sorted(range(len(samples)), key=lambda i: (
+            f"{samples[i].dataset}:{pixel_digest(samples[i].image)}", samples[i].class_name, i))
+    by_image: dict[str, str] = {}  # rows of one image (one "image" value) are read once
+
+    def key(i: int) -> str:
+        image = records[i].get("image")
+        if not isinstance(image, str):
+            return content_key(dataset, i)
+        if image not in by_image:
+            by_image[image] = content_key(dataset, i)
+        return by_image[image]
+
+    return sorted(range(len(records)), key=lambda i: (key(i), str(records[i].get("class_name", "")), i))
 
 
 def is_absent_image(dataset: Any, group: ImageGroup) -> bool:
