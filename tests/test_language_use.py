@@ -146,11 +146,11 @@ def test_wrong_class_draw_ignores_paths_and_row_order():
 
 
 def _sloppy(image, prompts):
-    """The oracle's masks shifted right by 0-4 px and its presence scaled, both by the image's pixels: every figure
-    then depends on which images (and canvases) a report takes."""
+    """The oracle's masks shifted right by 0-24 px and its presence scaled, both by the image's pixels: every figure
+    then depends on which images (and canvases) a report takes, and some masks cross onto a canvas's other tile."""
     p = oracle(image, prompts)
     shift = int(lu.draw_key("", image)[-2:], 16) % 5
-    masks = np.roll(p.masks, shift, axis=2)
+    masks = np.roll(p.masks, 6 * shift, axis=2)
     return vlseg.Prediction(masks=masks, probs=masks.astype(np.float32), presence=p.presence * (0.5 + shift / 10),
                             has_presence_head=True)
 
@@ -167,8 +167,10 @@ def test_report_and_evaluation_ignore_paths_and_row_order(monkeypatch):
     assert [ds.records[i]["image"] for i in content_order(ds)] == \
         [moved.records[i]["image"].split("/")[-1][:-4] for i in content_order(moved)]
 
-    def report(d, seed=0):
-        return lu.language_use_report(_sloppy, d, seed=seed, max_images=7, n_canvases=5, canvas_size=96)
+    def report(d, seed=0):  # rounded: rows of one image may be summed in another order (last-bit differences)
+        return json.loads(json.dumps(lu.language_use_report(_sloppy, d, seed=seed, max_images=7, n_canvases=5,
+                                                            canvas_size=96)),
+                          parse_float=lambda x: round(float(x), 12))
 
     first = report(ds)
     assert first["n_images"] == 7 and report(moved) == first
@@ -181,6 +183,28 @@ def test_report_and_evaluation_ignore_paths_and_row_order(monkeypatch):
         return summary, sorted((r["class_name"], r["level"], r["dice"]) for r in rows)
 
     assert evaluated(moved) == evaluated(ds) and evaluated(ds, seed=2) != evaluated(ds)
+
+
+def test_standard_errors_by_hand_and_in_the_report():
+    """_se is the cluster-robust standard error of a mean: by hand on two clusters; the plain sd / sqrt(n) when every
+    row is its own cluster; None for one cluster. The report carries it for the wrong-class rate (by image) and the
+    canvas gain and leak (by canvas), the summary line shows it, and the default canvas count is 2 per image."""
+    assert lu._se([1, 0, 1, 1], ["a", "a", "b", "b"]) == pytest.approx(0.25)  # sqrt(2 * (0.5^2 + 0.5^2)) / 4
+    y = [0.1, 0.7, 0.4, 0.9, 0.2]
+    assert lu._se(y, range(5)) == pytest.approx(np.std(y, ddof=1) / math.sqrt(5))
+    assert lu._se([1, 0, None], ["a", "a", "b"]) is None and lu._se([], []) is None
+    ds = make_dataset(2)
+    r = lu.language_use_report(_sloppy, ds, canvas_size=96, keep_rows=True)
+    comp, rows = r["composite"], r["rows"]["composite"]
+    assert comp["n_canvases"] == 2 * r["n_images"] == 16
+    assert comp["leak_se"] == pytest.approx(lu._se([x["leak"] for x in rows], [x["canvas"] for x in rows]))
+    assert comp["leak_se"] > 0
+    assert comp["gain_se"] > 0 and r["wrong_class"]["empty_rate_se"] is not None
+    line = lu.summary_line(r)
+    assert f"leak {100 * comp['leak']:.1f}% (se {100 * comp['leak_se']:.1f})" in line
+    assert f"canvas gain {comp['gain']:+.3f} (se {comp['gain_se']:.3f})" in line
+    old = {**r, "composite": {k: v for k, v in comp.items() if not k.endswith("_se")}}
+    assert "(se" not in lu.summary_line(old).split("| canvas")[1].split("|")[0]  # reports from before: no note
 
 
 def test_auroc():

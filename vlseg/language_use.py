@@ -397,6 +397,23 @@ def _mean(xs: Iterable[float | None]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
+def _se(values: Sequence[float | None], clusters: Sequence[Any]) -> float | None:
+    """Standard error of the mean of ``values`` (None skipped) when rows of one cluster (an image, a canvas) are
+    not independent: the cluster-robust (CR1) estimate, sqrt(C / (C - 1) * sum_c (sum_{i in c} (y_i - mean))^2) / N.
+    None with fewer than two clusters."""
+    pairs = [(float(v), c) for v, c in zip(values, clusters) if v is not None and not math.isnan(float(v))]
+    by: dict[Any, float] = {}
+    if not pairs:
+        return None
+    m = float(np.mean([v for v, _ in pairs]))
+    for v, c in pairs:
+        by[c] = by.get(c, 0.0) + (v - m)
+    n_c = len(by)
+    if n_c < 2:
+        return None
+    return float(math.sqrt(n_c / (n_c - 1) * sum(d * d for d in by.values())) / len(pairs))
+
+
 def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any]], canvas_note: str | None,
                head: bool) -> dict[str, Any]:
     pres = rows["presence"]
@@ -406,7 +423,8 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     for r in wrong:
         by_ds.setdefault(r["dataset"], []).append(r)
     kept = _mean(float(not r["empty"]) for r in pres if r["label"])  # an always-empty model also empties wrong ones
-    wc = {"empty_rate": rate, "n": len(wrong), "true_kept_rate": kept,
+    wc = {"empty_rate": rate, "empty_rate_se": _se([float(r["empty"]) for r in wrong], [r["image"] for r in wrong]),
+          "n": len(wrong), "true_kept_rate": kept,
           "hard": {"empty_rate": _mean(float(r["empty"]) for r in wrong if r["kind"] == "wrong_hard"),
                    "n": sum(r["kind"] == "wrong_hard" for r in wrong)},
           "random": {"empty_rate": _mean(float(r["empty"]) for r in wrong if r["kind"] == "wrong_random"),
@@ -428,8 +446,12 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     dc, de = _mean(r["dice_class"] for r in canvas), _mean(r["dice_empty"] for r in canvas)
     gain = None if dc is None or de is None else dc - de
     leak = _mean(r["leak"] for r in canvas)
-    comp: dict[str, Any] = {"n_canvases": len({r["canvas"] for r in canvas}), "n": len(canvas), "dice_class": dc, "dice_empty": de,
-            "gain": gain, "leak": leak, "empty_prediction_rate": _mean(float(r["pred_empty"]) for r in canvas),
+    on = [r["canvas"] for r in canvas]  # a canvas's prompts share its image: standard errors by canvas
+    comp: dict[str, Any] = {
+        "n_canvases": len(set(on)), "n": len(canvas), "dice_class": dc, "dice_empty": de, "gain": gain,
+        "gain_se": _se([r["dice_class"] - r["dice_empty"] for r in canvas], on), "leak": leak,
+        "leak_se": _se([r["leak"] for r in canvas], on),
+        "empty_prediction_rate": _mean(float(r["pred_empty"]) for r in canvas),
             "target": {"gain_min": CANVAS_GAIN_MIN, "leak_max": CANVAS_LEAK_MAX},
             "pass": None if gain is None else bool(gain >= CANVAS_GAIN_MIN and (leak or 0.0) <= CANVAS_LEAK_MAX)}
     if canvas_note:
@@ -500,7 +522,9 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         dataset: a vlseg dataset (``records`` + ``__getitem__``), e.g. the validation split of a pooled set.
         seed: picks the images, the wrong classes and the canvases (the report is deterministic given it).
         max_images: images (all the classes of each) to score, round-robin over datasets; None for all.
-        n_canvases: composite canvases to score (default: half the number of images, at most 64).
+        n_canvases: composite canvases to score (default: twice the number of images, at most 256: on the main
+            job's validation split a 64-canvas leak figure had a standard error of 1.5-1.9 points, 256 canvases
+            0.7-0.9).
         canvas_tiles: (fewest, most) tiles per canvas; (2, 2) is "two images side by side".
         canvas_size: canvas side in pixels.
         levels: score prompt levels p1..p9 (9 prompts per present class; turn off to save time).
@@ -515,7 +539,10 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
     Returns:
         {"wrong_class", "presence", "composite", "own_other", "levels", "class_vs_empty", "n_images",
         "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
-        its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images). ``levels`` also
+        its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images). The wrong-class
+        empty rate and the canvas gain and leak carry their standard errors (``empty_rate_se``, ``gain_se``,
+        ``leak_se``; rows clustered by image and by canvas), so a figure near its bar reads as such; pass/fail
+        compares the point estimate with the bar. ``levels`` also
         gives the same prompts' Dice before the presence gate (``per_level_ungated``, ``spread_ungated``) and the
         share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows, and
         the share of wrong-class prompts phrased at each level that give an empty mask
@@ -527,7 +554,7 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
     items = list(_items(dataset, groups, seed, False, wrong_per_kind))
     rows, head = _image_rows(fn, _progress(items, progress, "language use: images"), levels, True,
                              _pixel_threshold(predict_kwargs))
-    n_canvases = min(64, max(1, len(items) // 2)) if n_canvases is None else n_canvases
+    n_canvases = min(256, max(1, 2 * len(items))) if n_canvases is None else n_canvases
     canvas, note, examples = _canvas_rows(fn, dataset, groups, seed, n_canvases, canvas_tiles, canvas_size, progress,
                                           canvas_examples)
     report = _summaries(rows, canvas, note, head)
@@ -550,6 +577,11 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _se_note(se: float | None, scale: float, digits: int) -> str:
+    """" (se X)" after a figure, in the figure's unit (absent from reports written before standard errors)."""
+    return "" if se is None else f" (se {scale * se:.{digits}f})"
+
+
 def _ok(p: bool | None) -> str:
     return "n/a" if p is None else ("ok" if p else "FAIL")
 
@@ -567,10 +599,12 @@ def summary_line(report: Mapping[str, Any]) -> str:
     wl = [v for v in (lv.get("wrong_class_empty_per_level") or {}).values() if v is not None]  # idem
     if wl:
         notes += f"; wrong class emptied {100 * min(wl):.0f}-{100 * max(wl):.0f}% over the levels"
-    return (f"language use: wrong-class empty {_pct(wc['empty_rate'])} (true kept {_pct(wc.get('true_kept_rate'))})"
+    return (f"language use: wrong-class empty {_pct(wc['empty_rate'])}{_se_note(wc.get('empty_rate_se'), 100, 1)}"
+            f" (true kept {_pct(wc.get('true_kept_rate'))})"
             f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
             f" | presence AUROC {auc} [>={PRESENCE_AUROC_MIN} {_ok(pr['pass'])}]"
-            f" | canvas gain {gain}, leak {_pct(cp['leak'])} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%}"
+            f" | canvas gain {gain}{_se_note(cp.get('gain_se'), 1, 3)}, leak {_pct(cp['leak'])}"
+            f"{_se_note(cp.get('leak_se'), 100, 1)} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%}"
             f" {_ok(cp['pass'])}]"
             f" | own/other {ratios} [>={OWN_OTHER_RATIO_MIN:g}x {_ok(oo['pass'])}]"
             f" | p1-p9 spread {spread} (p1 Dice {'n/a' if p1 is None else f'{p1:.3f}'}{notes})"
