@@ -203,6 +203,8 @@ def test_standard_errors_by_hand_and_in_the_report():
     line = lu.summary_line(r)
     assert f"leak {100 * comp['leak']:.1f}% (se {100 * comp['leak_se']:.1f})" in line
     assert f"canvas gain {comp['gain']:+.3f} (se {comp['gain_se']:.3f})" in line
+    wc = r["wrong_class"]
+    assert f"empty {100 * wc['empty_rate']:.1f}% (se {100 * wc['empty_rate_se']:.1f}; true kept" in line
     old = {**r, "composite": {k: v for k, v in comp.items() if not k.endswith("_se")}}
     assert "(se" not in lu.summary_line(old).split("| canvas")[1].split("|")[0]  # reports from before: no note
 

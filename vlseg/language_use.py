@@ -599,8 +599,9 @@ def summary_line(report: Mapping[str, Any]) -> str:
     wl = [v for v in (lv.get("wrong_class_empty_per_level") or {}).values() if v is not None]  # idem
     if wl:
         notes += f"; wrong class emptied {100 * min(wl):.0f}-{100 * max(wl):.0f}% over the levels"
-    return (f"language use: wrong-class empty {_pct(wc['empty_rate'])}{_se_note(wc.get('empty_rate_se'), 100, 1)}"
-            f" (true kept {_pct(wc.get('true_kept_rate'))})"
+    se = wc.get("empty_rate_se")
+    return (f"language use: wrong-class empty {_pct(wc['empty_rate'])}"
+            f" ({'' if se is None else f'se {100 * se:.1f}; '}true kept {_pct(wc.get('true_kept_rate'))})"
             f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
             f" | presence AUROC {auc} [>={PRESENCE_AUROC_MIN} {_ok(pr['pass'])}]"
             f" | canvas gain {gain}{_se_note(cp.get('gain_se'), 1, 3)}, leak {_pct(cp['leak'])}"
