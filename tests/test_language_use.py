@@ -85,7 +85,8 @@ def test_level_spread_made_by_the_presence_gate_shows():
     for level, dice in lv["per_level"].items():  # a kept mask is exact, a gated one scores 0
         assert dice == pytest.approx(1.0 - away[level])
     assert lv["spread"] == pytest.approx(1.0) and lv["pass"] is False
-    assert "p1-p9 spread 100.0 pts (p1 Dice 1.000; 0.0 before the presence gate;" in lu.summary_line(r)
+    assert lv["spread_se"] == 0.0  # every image gates p9 away: every resample reads the same spread
+    assert "p1-p9 spread 100.0 pts (se 0.0; p1 Dice 1.000; 0.0 before the presence gate;" in lu.summary_line(r)
     assert "before the presence gate" in lu.summary_line(lu.language_use_report(oracle, ds, n_canvases=2,
                                                                                 canvas_size=96))
 
@@ -207,6 +208,32 @@ def test_standard_errors_by_hand_and_in_the_report():
     assert f"empty {100 * wc['empty_rate']:.1f}% (se {100 * wc['empty_rate_se']:.1f}; true kept" in line
     old = {**r, "composite": {k: v for k, v in comp.items() if not k.endswith("_se")}}
     assert "(se" not in lu.summary_line(old).split("| canvas")[1].split("|")[0]  # reports from before: no note
+
+
+def test_bootstrap_standard_error_clusters_by_image_and_reaches_the_report():
+    """_bootstrap_se of a mean agrees with the analytic sd / sqrt(n) (within 20%: 200 resamples); rows of one image
+    move together, so copying every row of each image leaves it unchanged where rows taken apart would shrink it by
+    sqrt(2); one image, or a figure every resample reads alike, gives None / 0. The report and its line carry the
+    AUROC's and the level spread's."""
+    y = np.random.default_rng(3).normal(size=60)
+    rows = [{"image": i, "v": float(v)} for i, v in enumerate(y)]
+
+    def mean(rs: list) -> float:
+        return float(np.mean([r["v"] for r in rs]))
+
+    se = lu._bootstrap_se(rows, mean)
+    assert se == pytest.approx(np.std(y, ddof=1) / math.sqrt(len(y)), rel=0.2)
+    assert lu._bootstrap_se(rows + rows, mean) == pytest.approx(se)  # same images, each twice: same clusters
+    apart = [{**r, "image": (r["image"], copy)} for r in rows for copy in (0, 1)]
+    assert lu._bootstrap_se(apart, mean) == pytest.approx(se / math.sqrt(2), rel=0.2)
+    assert lu._bootstrap_se([{"image": 0, "v": 1.0}] * 3, mean) is None
+    assert lu._bootstrap_se([{"image": i, "v": 1.0} for i in range(4)], mean) == 0.0
+    r = lu.language_use_report(_sloppy, make_dataset(2), canvas_size=96)
+    pr, lv = r["presence"], r["levels"]
+    assert pr["auroc_se"] is not None and pr["auroc_se"] >= 0 and lv["spread_se"] is not None
+    line = lu.summary_line(r)
+    assert f"presence AUROC {pr['auroc']:.3f} (se {pr['auroc_se']:.3f})" in line
+    assert f"p1-p9 spread {100 * lv['spread']:.1f} pts (se {100 * lv['spread_se']:.1f}; p1 Dice" in line
 
 
 def test_auroc():

@@ -414,6 +414,40 @@ def _se(values: Sequence[float | None], clusters: Sequence[Any]) -> float | None
     return float(math.sqrt(n_c / (n_c - 1) * sum(d * d for d in by.values())) / len(pairs))
 
 
+BOOTSTRAP_RESAMPLES = 200  # for the standard error of a figure that is not a mean (an AUROC, a spread)
+
+
+def _bootstrap_se(rows: Sequence[dict[str, Any]], stat: Callable[[list[dict[str, Any]]], float | None],
+                  cluster: str = "image", resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float | None:
+    """Standard error of ``stat(rows)`` by the cluster bootstrap: clusters (images) drawn with replacement, in
+    their order of first appearance (the report's content order), from a fixed seed; the sd of ``stat`` over the
+    resamples where it is defined. None with fewer than two clusters or fewer than two defined resamples."""
+    by: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault(r[cluster], []).append(r)
+    groups = list(by.values())
+    if len(groups) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(resamples):
+        v = stat([r for k in rng.integers(len(groups), size=len(groups)) for r in groups[int(k)]])
+        if v is not None:
+            vals.append(v)
+    return float(np.std(vals, ddof=1)) if len(vals) >= 2 else None
+
+
+def _per_level(rows: Iterable[dict[str, Any]], key: str) -> dict[str, float | None]:
+    """Mean of ``key`` over the rows of each prompt level p1..p9."""
+    rows = list(rows)
+    return {lv: _mean(float(r[key]) for r in rows if r["level"] == lv) for lv in LEVELS}
+
+
+def _spread(per: Mapping[str, float | None]) -> float | None:
+    vals = [v for v in per.values() if v is not None]
+    return float(max(vals) - min(vals)) if vals else None
+
+
 def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any]], canvas_note: str | None,
                head: bool) -> dict[str, Any]:
     pres = rows["presence"]
@@ -433,12 +467,14 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
                           for d, rs in sorted(by_ds.items())},
           "target": WRONG_CLASS_EMPTY_MIN, "pass": None if rate is None else rate >= WRONG_CLASS_EMPTY_MIN}
 
-    def au(kinds: tuple[str, ...]) -> float | None:
-        sel = [r for r in pres if r["label"] or r["kind"] in kinds]
+    def au(kinds: tuple[str, ...], rs: Sequence[dict[str, Any]] = pres) -> float | None:
+        sel = [r for r in rs if r["label"] or r["kind"] in kinds]
         return auroc([r["label"] for r in sel], [r["score"] for r in sel])
 
-    a = au(("absent", "wrong_hard", "wrong_random"))
-    presence = {"auroc": a, "auroc_wrong_class": au(("wrong_hard", "wrong_random")), "auroc_absent": au(("absent",)),
+    every = ("absent", "wrong_hard", "wrong_random")
+    a = au(every)
+    presence = {"auroc": a, "auroc_se": _bootstrap_se(pres, lambda rs: au(every, rs)),
+                "auroc_wrong_class": au(("wrong_hard", "wrong_random")), "auroc_absent": au(("absent",)),
                 "n_positive": sum(r["label"] for r in pres), "n_negative": sum(not r["label"] for r in pres),
                 "has_presence_head": head, "target": PRESENCE_AUROC_MIN,
                 "pass": None if a is None else a >= PRESENCE_AUROC_MIN}
@@ -466,21 +502,16 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     own_other = {"per_dataset": per, "target": OWN_OTHER_RATIO_MIN,
                  "pass": None if not per else all(v["pass"] for v in per.values())}
 
-    def by_level(key: str, which: str = "levels") -> dict[str, float | None]:
-        return {lv: _mean(float(r[key]) for r in rows[which] if r["level"] == lv) for lv in LEVELS}
-
-    def spread_of(per: dict[str, float | None]) -> float | None:
-        vals = [v for v in per.values() if v is not None]
-        return float(max(vals) - min(vals)) if vals else None
-
-    per_level, ungated = by_level("dice"), by_level("dice_ungated")
-    spread = spread_of(per_level)
+    per_level, ungated = _per_level(rows["levels"], "dice"), _per_level(rows["levels"], "dice_ungated")
+    spread = _spread(per_level)
     # The same masks before the presence gate: tells a spread made by the gate (long prompts scoring lower
     # presence) from one made by the masks themselves.
-    levels = {"per_level": per_level, "spread": spread, "per_level_ungated": ungated,
-              "spread_ungated": spread_of(ungated), "gated_away_per_level": by_level("gated_away"),
+    levels = {"per_level": per_level, "spread": spread,
+              "spread_se": _bootstrap_se(rows["levels"], lambda rs: _spread(_per_level(rs, "dice"))),
+              "per_level_ungated": ungated, "spread_ungated": _spread(ungated),
+              "gated_away_per_level": _per_level(rows["levels"], "gated_away"),
               # the gate must still empty wrong-class prompts phrased at every level, not only class names
-              "wrong_class_empty_per_level": by_level("empty", "levels_wrong"),
+              "wrong_class_empty_per_level": _per_level(rows["levels_wrong"], "empty"),
               "n": len(rows["levels"]), "target": LEVEL_SPREAD_MAX,
               "pass": None if spread is None else spread <= LEVEL_SPREAD_MAX}
 
@@ -540,9 +571,10 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         {"wrong_class", "presence", "composite", "own_other", "levels", "class_vs_empty", "n_images",
         "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
         its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images). The wrong-class
-        empty rate and the canvas gain and leak carry their standard errors (``empty_rate_se``, ``gain_se``,
-        ``leak_se``; rows clustered by image and by canvas), so a figure near its bar reads as such; pass/fail
-        compares the point estimate with the bar. ``levels`` also
+        empty rate, the canvas gain and leak, the presence AUROC and the level spread carry their standard errors
+        (``empty_rate_se``, ``gain_se``, ``leak_se``: cluster-robust, by image and by canvas; ``auroc_se``,
+        ``spread_se``: cluster bootstrap by image, 200 resamples, fixed seed), so a figure near its bar reads as
+        such; pass/fail compares the point estimate with the bar. ``levels`` also
         gives the same prompts' Dice before the presence gate (``per_level_ungated``, ``spread_ungated``) and the
         share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows, and
         the share of wrong-class prompts phrased at each level that give an empty mask
@@ -582,6 +614,11 @@ def _se_note(se: float | None, scale: float, digits: int) -> str:
     return "" if se is None else f" (se {scale * se:.{digits}f})"
 
 
+def _se_lead(se: float | None) -> str:
+    """"se X; " opening a parenthesis after a percentage-point figure ("" for reports written before it)."""
+    return "" if se is None else f"se {100 * se:.1f}; "
+
+
 def _ok(p: bool | None) -> str:
     return "n/a" if p is None else ("ok" if p else "FAIL")
 
@@ -589,8 +626,9 @@ def _ok(p: bool | None) -> str:
 def summary_line(report: Mapping[str, Any]) -> str:
     """One line: the headline numbers and pass/fail against the targets, starting with "language use: "."""
     wc, pr, cp, oo, lv = (report[k] for k in CHECKS)
-    auc = "n/a" if pr["auroc"] is None else f"{pr['auroc']:.3f}"
-    gain = "n/a" if cp["gain"] is None else f"{cp['gain']:+.3f}"
+    auc = "n/a" if pr["auroc"] is None else f"{pr['auroc']:.3f}{_se_note(pr.get('auroc_se'), 1, 3)}"
+    gain = "n/a" if cp["gain"] is None else f"{cp['gain']:+.3f}{_se_note(cp.get('gain_se'), 1, 3)}"
+    leak = f"{_pct(cp['leak'])}{_se_note(cp.get('leak_se'), 100, 1)}"
     ratios = ", ".join(f"{d} {v['ratio']:.1f}x" for d, v in oo["per_dataset"].items()) or "n/a"
     spread = "n/a" if lv["spread"] is None else f"{100 * lv['spread']:.1f} pts"
     p1 = lv["per_level"].get("p1")
@@ -599,17 +637,14 @@ def summary_line(report: Mapping[str, Any]) -> str:
     wl = [v for v in (lv.get("wrong_class_empty_per_level") or {}).values() if v is not None]  # idem
     if wl:
         notes += f"; wrong class emptied {100 * min(wl):.0f}-{100 * max(wl):.0f}% over the levels"
-    se = wc.get("empty_rate_se")
     return (f"language use: wrong-class empty {_pct(wc['empty_rate'])}"
-            f" ({'' if se is None else f'se {100 * se:.1f}; '}true kept {_pct(wc.get('true_kept_rate'))})"
+            f" ({_se_lead(wc.get('empty_rate_se'))}true kept {_pct(wc.get('true_kept_rate'))})"
             f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
             f" | presence AUROC {auc} [>={PRESENCE_AUROC_MIN} {_ok(pr['pass'])}]"
-            f" | canvas gain {gain}{_se_note(cp.get('gain_se'), 1, 3)}, leak {_pct(cp['leak'])}"
-            f"{_se_note(cp.get('leak_se'), 100, 1)} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%}"
-            f" {_ok(cp['pass'])}]"
+            f" | canvas gain {gain}, leak {leak} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%} {_ok(cp['pass'])}]"
             f" | own/other {ratios} [>={OWN_OTHER_RATIO_MIN:g}x {_ok(oo['pass'])}]"
-            f" | p1-p9 spread {spread} (p1 Dice {'n/a' if p1 is None else f'{p1:.3f}'}{notes})"
-            f" [<={100 * LEVEL_SPREAD_MAX:g} pts {_ok(lv['pass'])}]"
+            f" | p1-p9 spread {spread} ({_se_lead(lv.get('spread_se'))}p1 Dice"
+            f" {'n/a' if p1 is None else f'{p1:.3f}'}{notes}) [<={100 * LEVEL_SPREAD_MAX:g} pts {_ok(lv['pass'])}]"
             f" | {report['n_pass']}/{report['n_checks']} pass")
 
 
