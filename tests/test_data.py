@@ -227,8 +227,8 @@ def test_content_order_follows_file_contents_not_rows_or_paths(tmp_path):
     rel = tmp_path / "rel.jsonl"
     rel.write_text("".join(json.dumps(r) + "\n" for r in rows))
     absolute = tmp_path / "abs.jsonl"
-    absolute.write_text("".join(json.dumps({**r, "image": str(tmp_path / r["image"]), "mask": str(tmp_path / r["mask"])})
-                                + "\n" for r in reversed(rows)))
+    moved = [{**r, "image": str(tmp_path / r["image"]), "mask": str(tmp_path / r["mask"])} for r in reversed(rows)]
+    absolute.write_text("".join(json.dumps(r) + "\n" for r in moved))
     a, b = vlseg.data.from_manifest(rel), vlseg.data.from_manifest(absolute)
 
     def listed(ds):
@@ -238,3 +238,21 @@ def test_content_order_follows_file_contents_not_rows_or_paths(tmp_path):
     assert [c for _, c in listed(a)] == ["instrument", "polyp"] * 5
     assert [p for p, _ in listed(a)[::2]] != sorted(p for p, _ in listed(a)[::2])  # by content, not by file name
     assert content_key(a, 0) == content_key(b, len(rows) - 1) != content_key(a, 2)
+
+
+def test_content_order_of_a_plain_list_of_samples_follows_their_pixels():
+    """A plain list of Samples (no records) is ordered by pixels and class name: the same samples listed in
+    another order come out in the same order; rows of one image sort by class name."""
+    from vlseg.data.groups import content_order
+    from vlseg.data.schema import Sample
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(4)]
+    samples = [Sample(image=im, mask=None, class_name=c, dataset="d") for im in images for c in ("b", "a")]
+
+    def listed(xs):
+        return [(xs[i].image.tobytes(), xs[i].class_name) for i in content_order(xs)]
+
+    assert listed(samples) == listed(samples[::-1]) == listed(samples[1::2] + samples[::2])
+    assert [c for _, c in listed(samples)] == ["a", "b"] * 4
+    assert [im for im, _ in listed(samples)[::2]] != [im.tobytes() for im in images]  # by pixels, not list order

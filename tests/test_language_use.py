@@ -1,5 +1,6 @@
 """Language-use checks (vlseg.language_use) on constructed cases with hand-checked numbers, and on a tiny model."""
 
+import hashlib
 import inspect
 import json
 import math
@@ -11,6 +12,7 @@ from synthetic_data import ignores_prompt, make_dataset, oracle
 
 import vlseg
 from vlseg import language_use as lu
+from vlseg import stats
 from vlseg.data.negatives import is_relative, may_co_occur
 
 
@@ -156,6 +158,19 @@ def _sloppy(image, prompts):
                             has_presence_head=True)
 
 
+def _unsure(image, prompts):
+    """_sloppy with a presence score blurred by a draw keyed by prompt and pixels (an AUROC below 1) that gates
+    its masks, and a prompt the oracle leaves empty (a wrong class) segmenting every coloured thing: some true
+    masks are gated away, some wrong-class prompts keep a mask."""
+    p, every = _sloppy(image, prompts), ignores_prompt(image, prompts).masks
+    blur = np.array([int(hashlib.sha256((t + lu.draw_key("", image)).encode()).hexdigest()[:4], 16) / 65535
+                     for t in prompts], np.float32)
+    presence = 0.4 * p.presence + 0.6 * blur
+    has = p.masks.reshape(len(prompts), -1).any(1)
+    masks = np.where(has[:, None, None], p.masks, every) & (presence >= 0.5)[:, None, None]
+    return vlseg.Prediction(masks=masks, probs=masks.astype(np.float32), presence=presence, has_presence_head=True)
+
+
 def test_report_and_evaluation_ignore_paths_and_row_order(monkeypatch):
     """The whole language-use report (its image selection below max_images, its canvases) and evaluate_dataset's
     samples and ablation draws are seeded over the images' contents: the same data listed in another order under
@@ -187,20 +202,30 @@ def test_report_and_evaluation_ignore_paths_and_row_order(monkeypatch):
 
 
 def test_standard_errors_by_hand_and_in_the_report():
-    """_se is the cluster-robust standard error of a mean: by hand on two clusters; the plain sd / sqrt(n) when every
+    """cluster_se is the cluster-robust standard error of a mean: by hand on two clusters; the plain sd / sqrt(n) when every
     row is its own cluster; None for one cluster. The report carries it for the wrong-class rate (by image) and the
     canvas gain and leak (by canvas), the summary line shows it, and the default canvas count is 2 per image."""
-    assert lu._se([1, 0, 1, 1], ["a", "a", "b", "b"]) == pytest.approx(0.25)  # sqrt(2 * (0.5^2 + 0.5^2)) / 4
+    assert stats.cluster_se([1, 0, 1, 1], ["a", "a", "b", "b"]) == pytest.approx(0.25)  # sqrt(2 * (0.5^2 + 0.5^2)) / 4
     y = [0.1, 0.7, 0.4, 0.9, 0.2]
-    assert lu._se(y, range(5)) == pytest.approx(np.std(y, ddof=1) / math.sqrt(5))
-    assert lu._se([1, 0, None], ["a", "a", "b"]) is None and lu._se([], []) is None
+    assert stats.cluster_se(y, range(5)) == pytest.approx(np.std(y, ddof=1) / math.sqrt(5))
+    assert stats.cluster_se([1, 0, None], ["a", "a", "b"]) is None and stats.cluster_se([], []) is None
     ds = make_dataset(2)
-    r = lu.language_use_report(_sloppy, ds, canvas_size=96, keep_rows=True)
+    r = lu.language_use_report(_unsure, ds, canvas_size=96, keep_rows=True)
     comp, rows = r["composite"], r["rows"]["composite"]
     assert comp["n_canvases"] == 2 * r["n_images"] == 16
-    assert comp["leak_se"] == pytest.approx(lu._se([x["leak"] for x in rows], [x["canvas"] for x in rows]))
-    assert comp["leak_se"] > 0
-    assert comp["gain_se"] > 0 and r["wrong_class"]["empty_rate_se"] is not None
+    leaks, gains = [x["leak"] for x in rows], [x["dice_class"] - x["dice_empty"] for x in rows]
+    assert comp["leak_se"] == pytest.approx(stats.multiway_se(leaks, [x["sources"] for x in rows]))
+    assert comp["gain_se"] == pytest.approx(stats.multiway_se(gains, [x["sources"] for x in rows]))
+    assert comp["leak_se"] > 0 and comp["gain_se"] > 0
+    assert comp["leak_se_canvas"] == pytest.approx(stats.cluster_se(leaks, [x["canvas"] for x in rows]))
+    assert all(len(set(x["sources"])) == x["tiles"] == 2 for x in rows)
+    assert comp["n_images"] < 2 * comp["n_canvases"]  # canvases reuse images: hence the standard error by image
+    wrong = [x for x in r["rows"]["presence"] if x["kind"].startswith("wrong_")]
+    assert len({x["image"] for x in wrong}) < len(wrong)  # several wrong-class prompts per image: clusters matter
+    assert r["wrong_class"]["empty_rate_se"] == pytest.approx(
+        stats.cluster_se([float(x["empty"]) for x in wrong], [x["image"] for x in wrong]))
+    assert r["wrong_class"]["empty_rate_se"] != pytest.approx(
+        stats.cluster_se([float(x["empty"]) for x in wrong], range(len(wrong))))
     line = lu.summary_line(r)
     assert f"leak {100 * comp['leak']:.1f}% (se {100 * comp['leak_se']:.1f})" in line
     assert f"canvas gain {comp['gain']:+.3f} (se {comp['gain_se']:.3f})" in line
@@ -208,6 +233,36 @@ def test_standard_errors_by_hand_and_in_the_report():
     assert f"empty {100 * wc['empty_rate']:.1f}% (se {100 * wc['empty_rate_se']:.1f}; true kept" in line
     old = {**r, "composite": {k: v for k, v in comp.items() if not k.endswith("_se")}}
     assert "(se" not in lu.summary_line(old).split("| canvas")[1].split("|")[0]  # reports from before: no note
+
+
+def test_multiway_standard_error_by_hand():
+    """multiway_se: with one cluster per row it is cluster_se; by hand on rows in two clusters each; a row-level
+    value with no cluster effect reads near the plain sd / sqrt(n), where shared clusters that move their rows
+    together read well above it."""
+    y = [0.1, 0.7, 0.4, 0.9, 0.2, 0.5]
+    c = ["a", "a", "b", "b", "c", "c"]
+    assert stats.multiway_se(y, [[x] for x in c]) == pytest.approx(stats.cluster_se(y, c))
+    # rows (0, [a, b]), (1, [b, c]), (2, [a, c]); mean 1, residuals -1, 0, 1: S_a = 0, S_b = -1, S_c = 1;
+    # own squares counted once: sum S^2 - (2 - 1) * (1 + 0 + 1) = 0 -> 0
+    assert stats.multiway_se([0, 1, 2], [["a", "b"], ["b", "c"], ["a", "c"]]) == 0.0
+    # rows (0, [a, b]), (2, [a, c]), (2, [d]), (0, [d]): mean 1, residuals -1, 1, 1, -1; S_a = 0, S_b = -1,
+    # S_c = 1, S_d = 0; sum S^2 = 2, minus the own squares counted twice (1 + 1) = 0 -> 0: the pair cancels
+    assert stats.multiway_se([0, 2, 2, 0], [["a", "b"], ["a", "c"], ["d"], ["d"]]) == 0.0
+    # (0, [a, b]), (2, [b, c]), (1, [d]): residuals -1, 1, 0; S_a = -1, S_b = 0, S_c = 1, S_d = 0: 2 - 2 = 0;
+    # (0, [a]), (2, [b]), (1, [c]) is three independent rows: sqrt(3/2 * 2) / 3
+    assert stats.multiway_se([0, 2, 1], [["a"], ["b"], ["c"]]) == pytest.approx(math.sqrt(3) / 3)
+    ratios = []  # no cluster effect: the variance reads the plain one on average (one draw is noisy)
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        pairs = [rng.choice(40, 2, replace=False) for _ in range(400)]
+        noise = rng.normal(size=400)
+        ratios.append((stats.multiway_se(list(noise), pairs) / (np.std(noise, ddof=1) / math.sqrt(400))) ** 2)
+    assert 0.7 < np.mean(ratios) < 1.3
+    n_img, n_rows = 40, 400
+    effect = rng.normal(size=n_img)
+    driven = [effect[a] + effect[b] + 0.1 * e for (a, b), e in zip(pairs, noise, strict=True)]
+    assert stats.multiway_se(driven, pairs) > 3 * np.std(driven, ddof=1) / math.sqrt(n_rows)
+    assert stats.multiway_se([1.0, None], [["a"], ["b"]]) is None and stats.multiway_se([], []) is None
 
 
 def test_bootstrap_standard_error_clusters_by_image_and_reaches_the_report():
@@ -221,16 +276,19 @@ def test_bootstrap_standard_error_clusters_by_image_and_reaches_the_report():
     def mean(rs: list) -> float:
         return float(np.mean([r["v"] for r in rs]))
 
-    se = lu._bootstrap_se(rows, mean)
+    se = stats.cluster_bootstrap_se(rows, mean)
     assert se == pytest.approx(np.std(y, ddof=1) / math.sqrt(len(y)), rel=0.2)
-    assert lu._bootstrap_se(rows + rows, mean) == pytest.approx(se)  # same images, each twice: same clusters
+    assert stats.cluster_bootstrap_se(rows + rows, mean) == pytest.approx(se)  # same images, each twice: same clusters
     apart = [{**r, "image": (r["image"], copy)} for r in rows for copy in (0, 1)]
-    assert lu._bootstrap_se(apart, mean) == pytest.approx(se / math.sqrt(2), rel=0.2)
-    assert lu._bootstrap_se([{"image": 0, "v": 1.0}] * 3, mean) is None
-    assert lu._bootstrap_se([{"image": i, "v": 1.0} for i in range(4)], mean) == 0.0
-    r = lu.language_use_report(_sloppy, make_dataset(2), canvas_size=96)
-    pr, lv = r["presence"], r["levels"]
-    assert pr["auroc_se"] is not None and pr["auroc_se"] >= 0 and lv["spread_se"] is not None
+    assert stats.cluster_bootstrap_se(apart, mean) == pytest.approx(se / math.sqrt(2), rel=0.2)
+    assert stats.cluster_bootstrap_se([{"image": 0, "v": 1.0}] * 3, mean) is None
+    assert stats.cluster_bootstrap_se([{"image": i, "v": 1.0} for i in range(4)], mean) == 0.0
+    r = lu.language_use_report(_unsure, make_dataset(2), canvas_size=96, keep_rows=True)
+    pr, lv, rows = r["presence"], r["levels"], r["rows"]
+    assert 0.5 < pr["auroc"] < 1 and pr["auroc_se"] > 0 and lv["spread_se"] > 0
+    assert pr["auroc_se"] == stats.cluster_bootstrap_se(
+        rows["presence"], lambda rs: lu.auroc([x["label"] for x in rs], [x["score"] for x in rs]))
+    assert lv["spread_se"] == stats.cluster_bootstrap_se(rows["levels"], lambda rs: lu._spread(lu._per_level(rs, "dice")))
     line = lu.summary_line(r)
     assert f"presence AUROC {pr['auroc']:.3f} (se {pr['auroc_se']:.3f})" in line
     assert f"p1-p9 spread {100 * lv['spread']:.1f} pts (se {100 * lv['spread_se']:.1f}; p1 Dice" in line

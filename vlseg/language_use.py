@@ -35,6 +35,7 @@ from .data.negatives import hard_subset, is_relative, negative_candidates
 from .metrics import dice
 from .prompts import class_names as library_classes
 from .prompts import generate, hard_negatives
+from .stats import cluster_bootstrap_se, cluster_se, multiway_se
 
 if TYPE_CHECKING:
     from . import Prediction
@@ -151,13 +152,14 @@ def select_groups(dataset: Any, max_images: int | None = None, seed: int = 0) ->
     datasets are represented. Deterministic in the images (their content: ``content_key``), ``max_images`` and
     ``seed``: the same selection, in the same order (and so the same canvases), whatever the order of the
     manifest's rows or how its paths are spelt."""
-    by: dict[str, list[tuple[str, ImageGroup]]] = {}
+    by: dict[str, list[tuple[tuple[str, ...], ImageGroup]]] = {}
     for g in group_by_image(dataset):
-        by.setdefault(g.dataset, []).append((content_key(dataset, g.indices[0]), g))
+        by.setdefault(g.dataset, []).append(((content_key(dataset, g.indices[0]), *sorted(g.classes)), g))
     rng = np.random.default_rng(seed)
     queues = {}
     for d, keyed in sorted(by.items()):
-        gs = [g for _, g in sorted(keyed, key=lambda kg: kg[0])]  # stable: identical images keep their order
+        # by content, then classes; byte-identical images with the same classes keep their (stable) order
+        gs = [g for _, g in sorted(keyed, key=lambda kg: kg[0])]
         queues[d] = [gs[i] for i in rng.permutation(len(gs))]
     out: list[ImageGroup] = []
     limit = sum(len(q) for q in queues.values()) if max_images is None else max_images
@@ -387,6 +389,7 @@ def _canvas_rows(fn: PredictFn, dataset: Any, groups: Sequence[ImageGroup], seed
                 examples.append({"canvas": i, "class": c, "image": cv.image, "target": cv.targets[c], "pred": pred,
                                  "leak": leak})
             rows.append({"canvas": i, "class": c, "datasets": [t.dataset for t in cv.tiles], "tiles": len(cv.tiles),
+                         "sources": [t.source for t in cv.tiles], "prompted": [t.source for t in cv.tiles if c in t.classes],
                          "dice_class": dice(pred, cv.targets[c]), "dice_empty": dice(empty, cv.targets[c]),
                          "leak": leak, "pred_empty": area == 0})
     return rows, None, examples
@@ -397,46 +400,6 @@ def _mean(xs: Iterable[float | None]) -> float | None:
     return float(np.mean(v)) if v else None
 
 
-def _se(values: Sequence[float | None], clusters: Sequence[Any]) -> float | None:
-    """Standard error of the mean of ``values`` (None skipped) when rows of one cluster (an image, a canvas) are
-    not independent: the cluster-robust (CR1) estimate, sqrt(C / (C - 1) * sum_c (sum_{i in c} (y_i - mean))^2) / N.
-    None with fewer than two clusters."""
-    pairs = [(float(v), c) for v, c in zip(values, clusters) if v is not None and not math.isnan(float(v))]
-    by: dict[Any, float] = {}
-    if not pairs:
-        return None
-    m = float(np.mean([v for v, _ in pairs]))
-    for v, c in pairs:
-        by[c] = by.get(c, 0.0) + (v - m)
-    n_c = len(by)
-    if n_c < 2:
-        return None
-    return float(math.sqrt(n_c / (n_c - 1) * sum(d * d for d in by.values())) / len(pairs))
-
-
-BOOTSTRAP_RESAMPLES = 200  # for the standard error of a figure that is not a mean (an AUROC, a spread)
-
-
-def _bootstrap_se(rows: Sequence[dict[str, Any]], stat: Callable[[list[dict[str, Any]]], float | None],
-                  cluster: str = "image", resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> float | None:
-    """Standard error of ``stat(rows)`` by the cluster bootstrap: clusters (images) drawn with replacement, in
-    their order of first appearance (the report's content order), from a fixed seed; the sd of ``stat`` over the
-    resamples where it is defined. None with fewer than two clusters or fewer than two defined resamples."""
-    by: dict[Any, list[dict[str, Any]]] = {}
-    for r in rows:
-        by.setdefault(r[cluster], []).append(r)
-    groups = list(by.values())
-    if len(groups) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    vals = []
-    for _ in range(resamples):
-        v = stat([r for k in rng.integers(len(groups), size=len(groups)) for r in groups[int(k)]])
-        if v is not None:
-            vals.append(v)
-    return float(np.std(vals, ddof=1)) if len(vals) >= 2 else None
-
-
 def _per_level(rows: Iterable[dict[str, Any]], key: str) -> dict[str, float | None]:
     """Mean of ``key`` over the rows of each prompt level p1..p9."""
     rows = list(rows)
@@ -444,6 +407,7 @@ def _per_level(rows: Iterable[dict[str, Any]], key: str) -> dict[str, float | No
 
 
 def _spread(per: Mapping[str, float | None]) -> float | None:
+    """Highest minus lowest of the defined per-level figures (None when none is defined)."""
     vals = [v for v in per.values() if v is not None]
     return float(max(vals) - min(vals)) if vals else None
 
@@ -457,7 +421,8 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     for r in wrong:
         by_ds.setdefault(r["dataset"], []).append(r)
     kept = _mean(float(not r["empty"]) for r in pres if r["label"])  # an always-empty model also empties wrong ones
-    wc = {"empty_rate": rate, "empty_rate_se": _se([float(r["empty"]) for r in wrong], [r["image"] for r in wrong]),
+    wc = {"empty_rate": rate,
+          "empty_rate_se": cluster_se([float(r["empty"]) for r in wrong], [r["image"] for r in wrong]),
           "n": len(wrong), "true_kept_rate": kept,
           "hard": {"empty_rate": _mean(float(r["empty"]) for r in wrong if r["kind"] == "wrong_hard"),
                    "n": sum(r["kind"] == "wrong_hard" for r in wrong)},
@@ -473,7 +438,7 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
 
     every = ("absent", "wrong_hard", "wrong_random")
     a = au(every)
-    presence = {"auroc": a, "auroc_se": _bootstrap_se(pres, lambda rs: au(every, rs)),
+    presence = {"auroc": a, "auroc_se": cluster_bootstrap_se(pres, lambda rs: au(every, rs)),
                 "auroc_wrong_class": au(("wrong_hard", "wrong_random")), "auroc_absent": au(("absent",)),
                 "n_positive": sum(r["label"] for r in pres), "n_negative": sum(not r["label"] for r in pres),
                 "has_presence_head": head, "target": PRESENCE_AUROC_MIN,
@@ -482,14 +447,18 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     dc, de = _mean(r["dice_class"] for r in canvas), _mean(r["dice_empty"] for r in canvas)
     gain = None if dc is None or de is None else dc - de
     leak = _mean(r["leak"] for r in canvas)
-    on = [r["canvas"] for r in canvas]  # a canvas's prompts share its image: standard errors by canvas
+    on = [r["canvas"] for r in canvas]
+    images = [r["sources"] for r in canvas]  # canvases drawn from the same images are not independent
+    gains, leaks = [r["dice_class"] - r["dice_empty"] for r in canvas], [r["leak"] for r in canvas]
     comp: dict[str, Any] = {
-        "n_canvases": len(set(on)), "n": len(canvas), "dice_class": dc, "dice_empty": de, "gain": gain,
-        "gain_se": _se([r["dice_class"] - r["dice_empty"] for r in canvas], on), "leak": leak,
-        "leak_se": _se([r["leak"] for r in canvas], on),
+        "n_canvases": len(set(on)), "n_images": len({s for ss in images for s in ss}), "n": len(canvas),
+        "dice_class": dc, "dice_empty": de, "gain": gain, "gain_se": multiway_se(gains, images), "leak": leak,
+        "leak_se": multiway_se(leaks, images),
+        # the canvas draw's own noise (another draw from the same images would move the figure by about this)
+        "gain_se_canvas": cluster_se(gains, on), "leak_se_canvas": cluster_se(leaks, on),
         "empty_prediction_rate": _mean(float(r["pred_empty"]) for r in canvas),
-            "target": {"gain_min": CANVAS_GAIN_MIN, "leak_max": CANVAS_LEAK_MAX},
-            "pass": None if gain is None else bool(gain >= CANVAS_GAIN_MIN and (leak or 0.0) <= CANVAS_LEAK_MAX)}
+        "target": {"gain_min": CANVAS_GAIN_MIN, "leak_max": CANVAS_LEAK_MAX},
+        "pass": None if gain is None else bool(gain >= CANVAS_GAIN_MIN and (leak or 0.0) <= CANVAS_LEAK_MAX)}
     if canvas_note:
         comp["note"] = canvas_note
 
@@ -507,7 +476,7 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     # The same masks before the presence gate: tells a spread made by the gate (long prompts scoring lower
     # presence) from one made by the masks themselves.
     levels = {"per_level": per_level, "spread": spread,
-              "spread_se": _bootstrap_se(rows["levels"], lambda rs: _spread(_per_level(rs, "dice"))),
+              "spread_se": cluster_bootstrap_se(rows["levels"], lambda rs: _spread(_per_level(rs, "dice"))),
               "per_level_ungated": ungated, "spread_ungated": _spread(ungated),
               "gated_away_per_level": _per_level(rows["levels"], "gated_away"),
               # the gate must still empty wrong-class prompts phrased at every level, not only class names
@@ -572,9 +541,11 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
         its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images). The wrong-class
         empty rate, the canvas gain and leak, the presence AUROC and the level spread carry their standard errors
-        (``empty_rate_se``, ``gain_se``, ``leak_se``: cluster-robust, by image and by canvas; ``auroc_se``,
-        ``spread_se``: cluster bootstrap by image, 200 resamples, fixed seed), so a figure near its bar reads as
-        such; pass/fail compares the point estimate with the bar. ``levels`` also
+        over images (``empty_rate_se``: cluster-robust by image; ``gain_se``, ``leak_se``: by every image on the
+        canvas, ``vlseg.stats.multiway_se``, since canvases reuse images; ``auroc_se``, ``spread_se``: cluster
+        bootstrap by image, 200 resamples, fixed seed), so a figure near its bar reads as such; pass/fail compares
+        the point estimate with the bar. ``gain_se_canvas`` / ``leak_se_canvas`` are the canvas draw's own noise
+        (by canvas, the images held fixed): what more canvases from the same images can shrink. ``levels`` also
         gives the same prompts' Dice before the presence gate (``per_level_ungated``, ``spread_ungated``) and the
         share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows, and
         the share of wrong-class prompts phrased at each level that give an empty mask
@@ -609,14 +580,12 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _se_note(se: float | None, scale: float, digits: int) -> str:
-    """" (se X)" after a figure, in the figure's unit (absent from reports written before standard errors)."""
-    return "" if se is None else f" (se {scale * se:.{digits}f})"
-
-
-def _se_lead(se: float | None) -> str:
-    """"se X; " opening a parenthesis after a percentage-point figure ("" for reports written before it)."""
-    return "" if se is None else f"se {100 * se:.1f}; "
+def _se_text(se: float | None, scale: float = 100, digits: int = 1, lead: bool = False) -> str:
+    """The standard error in the figure's unit: " (se X)" after a figure, or "se X; " opening a parenthesis
+    (``lead``); "" when the report has none (reports written before standard errors)."""
+    if se is None:
+        return ""
+    return f"se {scale * se:.{digits}f}; " if lead else f" (se {scale * se:.{digits}f})"
 
 
 def _ok(p: bool | None) -> str:
@@ -626,9 +595,9 @@ def _ok(p: bool | None) -> str:
 def summary_line(report: Mapping[str, Any]) -> str:
     """One line: the headline numbers and pass/fail against the targets, starting with "language use: "."""
     wc, pr, cp, oo, lv = (report[k] for k in CHECKS)
-    auc = "n/a" if pr["auroc"] is None else f"{pr['auroc']:.3f}{_se_note(pr.get('auroc_se'), 1, 3)}"
-    gain = "n/a" if cp["gain"] is None else f"{cp['gain']:+.3f}{_se_note(cp.get('gain_se'), 1, 3)}"
-    leak = f"{_pct(cp['leak'])}{_se_note(cp.get('leak_se'), 100, 1)}"
+    auc = "n/a" if pr["auroc"] is None else f"{pr['auroc']:.3f}{_se_text(pr.get('auroc_se'), 1, 3)}"
+    gain = "n/a" if cp["gain"] is None else f"{cp['gain']:+.3f}{_se_text(cp.get('gain_se'), 1, 3)}"
+    leak = f"{_pct(cp['leak'])}{_se_text(cp.get('leak_se'))}"
     ratios = ", ".join(f"{d} {v['ratio']:.1f}x" for d, v in oo["per_dataset"].items()) or "n/a"
     spread = "n/a" if lv["spread"] is None else f"{100 * lv['spread']:.1f} pts"
     p1 = lv["per_level"].get("p1")
@@ -638,12 +607,12 @@ def summary_line(report: Mapping[str, Any]) -> str:
     if wl:
         notes += f"; wrong class emptied {100 * min(wl):.0f}-{100 * max(wl):.0f}% over the levels"
     return (f"language use: wrong-class empty {_pct(wc['empty_rate'])}"
-            f" ({_se_lead(wc.get('empty_rate_se'))}true kept {_pct(wc.get('true_kept_rate'))})"
+            f" ({_se_text(wc.get('empty_rate_se'), lead=True)}true kept {_pct(wc.get('true_kept_rate'))})"
             f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
             f" | presence AUROC {auc} [>={PRESENCE_AUROC_MIN} {_ok(pr['pass'])}]"
             f" | canvas gain {gain}, leak {leak} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%} {_ok(cp['pass'])}]"
             f" | own/other {ratios} [>={OWN_OTHER_RATIO_MIN:g}x {_ok(oo['pass'])}]"
-            f" | p1-p9 spread {spread} ({_se_lead(lv.get('spread_se'))}p1 Dice"
+            f" | p1-p9 spread {spread} ({_se_text(lv.get('spread_se'), lead=True)}p1 Dice"
             f" {'n/a' if p1 is None else f'{p1:.3f}'}{notes}) [<={100 * LEVEL_SPREAD_MAX:g} pts {_ok(lv['pass'])}]"
             f" | {report['n_pass']}/{report['n_checks']} pass")
 
