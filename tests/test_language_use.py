@@ -202,9 +202,10 @@ def test_report_and_evaluation_ignore_paths_and_row_order(monkeypatch):
 
 
 def test_standard_errors_by_hand_and_in_the_report():
-    """cluster_se is the cluster-robust standard error of a mean: by hand on two clusters; the plain sd / sqrt(n) when every
-    row is its own cluster; None for one cluster. The report carries it for the wrong-class rate (by image) and the
-    canvas gain and leak (by canvas), the summary line shows it, and the default canvas count is 2 per image."""
+    """cluster_se is the cluster-robust standard error of a mean: by hand on two clusters; the plain sd / sqrt(n)
+    when every row is its own cluster; None for one cluster. The report carries the wrong-class rate's (by image),
+    the canvas gain's and leak's (multiway over every image on a canvas; by canvas as *_se_canvas), the summary line
+    shows them, and the default canvas count is 2 per image."""
     assert stats.cluster_se([1, 0, 1, 1], ["a", "a", "b", "b"]) == pytest.approx(0.25)  # sqrt(2 * (0.5^2 + 0.5^2)) / 4
     y = [0.1, 0.7, 0.4, 0.9, 0.2]
     assert stats.cluster_se(y, range(5)) == pytest.approx(np.std(y, ddof=1) / math.sqrt(5))
@@ -288,7 +289,8 @@ def test_bootstrap_standard_error_clusters_by_image_and_reaches_the_report():
     assert 0.5 < pr["auroc"] < 1 and pr["auroc_se"] > 0 and lv["spread_se"] > 0
     assert pr["auroc_se"] == stats.cluster_bootstrap_se(
         rows["presence"], lambda rs: lu.auroc([x["label"] for x in rs], [x["score"] for x in rs]))
-    assert lv["spread_se"] == stats.cluster_bootstrap_se(rows["levels"], lambda rs: lu._spread(lu._per_level(rs, "dice")))
+    spread = stats.cluster_bootstrap_se(rows["levels"], lambda rs: lu._spread(lu._per_level(rs, "dice")))
+    assert lv["spread_se"] == spread
     line = lu.summary_line(r)
     assert f"presence AUROC {pr['auroc']:.3f} (se {pr['auroc_se']:.3f})" in line
     assert f"p1-p9 spread {100 * lv['spread']:.1f} pts (se {100 * lv['spread_se']:.1f}; p1 Dice" in line
