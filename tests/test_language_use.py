@@ -249,28 +249,28 @@ def test_multiway_standard_error_by_hand():
     # rows (0, [a, b]), (2, [a, c]), (2, [d]), (0, [d]): mean 1, residuals -1, 1, 1, -1; S_a = 0, S_b = -1,
     # S_c = 1, S_d = 0; sum S^2 = 2, minus the own squares counted twice (1 + 1) = 0 -> 0: the pair cancels
     assert stats.multiway_se([0, 2, 2, 0], [["a", "b"], ["a", "c"], ["d"], ["d"]]) == 0.0
-    # (0, [a, b]), (2, [b, c]), (1, [d]): residuals -1, 1, 0; S_a = -1, S_b = 0, S_c = 1, S_d = 0: 2 - 2 = 0;
     # (0, [a]), (2, [b]), (1, [c]) is three independent rows: sqrt(3/2 * 2) / 3
     assert stats.multiway_se([0, 2, 1], [["a"], ["b"], ["c"]]) == pytest.approx(math.sqrt(3) / 3)
+    n_img, n_rows = 40, 400
     ratios = []  # no cluster effect: the variance reads the plain one on average (one draw is noisy)
     for seed in range(40):
         rng = np.random.default_rng(seed)
-        pairs = [rng.choice(40, 2, replace=False) for _ in range(400)]
-        noise = rng.normal(size=400)
-        ratios.append((stats.multiway_se(list(noise), pairs) / (np.std(noise, ddof=1) / math.sqrt(400))) ** 2)
+        pairs = [rng.choice(n_img, 2, replace=False) for _ in range(n_rows)]
+        noise = rng.normal(size=n_rows)
+        plain = np.std(noise, ddof=1) / math.sqrt(n_rows)
+        ratios.append((stats.multiway_se(list(noise), pairs) / plain) ** 2)
     assert 0.7 < np.mean(ratios) < 1.3
-    n_img, n_rows = 40, 400
-    effect = rng.normal(size=n_img)
+    effect = rng.normal(size=n_img)  # the last draw's pairs, now with an effect per image
     driven = [effect[a] + effect[b] + 0.1 * e for (a, b), e in zip(pairs, noise, strict=True)]
     assert stats.multiway_se(driven, pairs) > 3 * np.std(driven, ddof=1) / math.sqrt(n_rows)
     assert stats.multiway_se([1.0, None], [["a"], ["b"]]) is None and stats.multiway_se([], []) is None
 
 
 def test_bootstrap_standard_error_clusters_by_image_and_reaches_the_report():
-    """_bootstrap_se of a mean agrees with the analytic sd / sqrt(n) (within 20%: 200 resamples); rows of one image
-    move together, so copying every row of each image leaves it unchanged where rows taken apart would shrink it by
-    sqrt(2); one image, or a figure every resample reads alike, gives None / 0. The report and its line carry the
-    AUROC's and the level spread's."""
+    """cluster_bootstrap_se of a mean agrees with the analytic sd / sqrt(n) (within 20%: 200 resamples); rows of one
+    image move together, so copying every row of each image leaves it unchanged where rows taken apart would shrink
+    it by sqrt(2); one image, or a figure every resample reads alike, gives None / 0. The report and its line carry
+    the AUROC's and the level spread's."""
     y = np.random.default_rng(3).normal(size=60)
     rows = [{"image": i, "v": float(v)} for i, v in enumerate(y)]
 

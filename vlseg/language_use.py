@@ -389,8 +389,7 @@ def _canvas_rows(fn: PredictFn, dataset: Any, groups: Sequence[ImageGroup], seed
                 examples.append({"canvas": i, "class": c, "image": cv.image, "target": cv.targets[c], "pred": pred,
                                  "leak": leak})
             rows.append({"canvas": i, "class": c, "datasets": [t.dataset for t in cv.tiles], "tiles": len(cv.tiles),
-                         "sources": [t.source for t in cv.tiles],  # the images on it, and the prompted one(s)
-                         "prompted": [t.source for t in cv.tiles if c in t.classes],
+                         "sources": [t.source for t in cv.tiles],  # the images on it: standard errors by image
                          "dice_class": dice(pred, cv.targets[c]), "dice_empty": dice(empty, cv.targets[c]),
                          "leak": leak, "pred_empty": area == 0})
     return rows, None, examples

@@ -17,17 +17,7 @@ def cluster_se(values: Sequence[float | None], clusters: Sequence[Any]) -> float
     """Standard error of the mean of ``values`` (None and NaN skipped) when rows of one cluster (an image, a canvas)
     are not independent: the cluster-robust (CR1) estimate, sqrt(C / (C - 1) * sum_c (sum_{i in c} (y_i - mean))^2)
     / N. ``values`` and ``clusters`` run in step (one cluster per value). None with fewer than two clusters."""
-    pairs = [(float(v), c) for v, c in zip(values, clusters, strict=True) if v is not None and not math.isnan(float(v))]
-    if not pairs:
-        return None
-    m = float(np.mean([v for v, _ in pairs]))
-    by: dict[Any, float] = {}
-    for v, c in pairs:
-        by[c] = by.get(c, 0.0) + (v - m)
-    n_c = len(by)
-    if n_c < 2:
-        return None
-    return float(math.sqrt(n_c / (n_c - 1) * sum(d * d for d in by.values())) / len(pairs))
+    return multiway_se(values, [(c,) for c in clusters])
 
 
 def multiway_se(values: Sequence[float | None], memberships: Sequence[Sequence[Any]]) -> float | None:
