@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -238,6 +239,23 @@ def test_content_order_follows_file_contents_not_rows_or_paths(tmp_path):
     assert [c for _, c in listed(a)] == ["instrument", "polyp"] * 5
     assert [p for p, _ in listed(a)[::2]] != sorted(p for p, _ in listed(a)[::2])  # by content, not by file name
     assert content_key(a, 0) == content_key(b, len(rows) - 1) != content_key(a, 2)
+    digest = hashlib.sha256((tmp_path / "img" / "0.png").read_bytes()).hexdigest()[:16]
+    assert content_key(a, 0) == f"d:{digest}"  # the file's bytes, not its decoded pixels
+
+
+def test_image_key_is_one_spelling_for_files_pixels_and_the_wrong_class_draw():
+    """image_key spells every content key: from pixels it equals language_use.draw_key, from a digest it takes
+    the digest as given, and it refuses to key nothing."""
+    from vlseg import language_use as lu
+    from vlseg.data.groups import image_key, pixel_digest
+
+    image = np.random.default_rng(2).integers(0, 255, (6, 5, 3), dtype=np.uint8)
+    assert image_key("busi", image) == f"busi:{pixel_digest(image)}" == lu.draw_key("busi", image)
+    assert image_key("busi", image) != image_key("busi", image[:, ::-1]) != image_key("ph2", image[:, ::-1])
+    assert image_key("busi", image.reshape(5, 6, 3)) != image_key("busi", image)  # same bytes, other shape
+    assert image_key("d", digest="abc") == "d:abc"
+    with pytest.raises(ValueError, match="image or a digest"):
+        image_key("d")
 
 
 def test_content_order_of_a_plain_list_of_samples_follows_their_pixels():

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .data.composite import CompositeSampler
-from .data.groups import ImageGroup, content_key, group_by_image, load_group, pixel_digest
+from .data.groups import ImageGroup, content_key, group_by_image, image_key, load_group
 from .data.negatives import hard_subset, is_relative, negative_candidates
 from .metrics import dice
 from .prompts import class_names as library_classes
@@ -176,7 +176,7 @@ WRONG_PER_KIND = 2  # wrong-class prompts per image: up to this many look-alikes
 def draw_key(dataset: str, image: np.ndarray) -> str:
     """The key that seeds an image's wrong-class draw: its dataset and a hash of its pixels, so the draw (and every
     figure it feeds) is the same however the manifest or image paths are spelt (relative or absolute, moved)."""
-    return f"{dataset}:{pixel_digest(image)}"
+    return image_key(dataset, image)
 
 
 def _wrong_classes(item: _Item, others: list[str], seed: int, per_kind: int = WRONG_PER_KIND

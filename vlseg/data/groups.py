@@ -60,6 +60,16 @@ def pixel_digest(image: np.ndarray) -> str:
     return hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:16]
 
 
+def image_key(dataset_name: str, image: np.ndarray | None = None, digest: str | None = None) -> str:
+    """``dataset:digest``, the one spelling of an image's content key: ``digest`` as given (e.g. of a file's bytes)
+    or ``pixel_digest(image)``."""
+    if digest is None:
+        if image is None:
+            raise ValueError("image_key needs an image or a digest")
+        digest = pixel_digest(image)
+    return f"{dataset_name}:{digest}"
+
+
 def content_key(dataset: Any, index: int) -> str:
     """Row ``index``'s image by content: ``dataset:digest``, the digest of its file's bytes (rows read from files) or
     of its pixels (in-memory rows). The same however the path is spelt (relative, absolute, moved) and wherever the
@@ -68,10 +78,8 @@ def content_key(dataset: Any, index: int) -> str:
     path = r.get("image")
     if isinstance(path, str) and os.path.isfile(path):
         with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    else:
-        digest = pixel_digest(dataset[index].image)
-    return f"{r.get('dataset', '')}:{digest}"
+            return image_key(str(r.get("dataset", "")), digest=hashlib.sha256(f.read()).hexdigest()[:16])
+    return image_key(str(r.get("dataset", "")), dataset[index].image)
 
 
 def content_order(dataset: Any) -> list[int]:
@@ -82,7 +90,7 @@ def content_order(dataset: Any) -> list[int]:
     if records is None:  # a plain sequence of Samples (in memory)
         samples = [dataset[i] for i in range(len(dataset))]
         return sorted(range(len(samples)), key=lambda i: (
-            f"{samples[i].dataset}:{pixel_digest(samples[i].image)}", samples[i].class_name, i))
+            image_key(samples[i].dataset, samples[i].image), samples[i].class_name, i))
     by_image: dict[str, str] = {}  # rows of one image (one "image" value) are read once
 
     def key(i: int) -> str:
