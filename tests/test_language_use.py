@@ -93,6 +93,34 @@ def test_level_spread_made_by_the_presence_gate_shows():
                                                                                 canvas_size=96))
 
 
+def test_level_spread_made_by_one_dataset_shows_in_its_breakdown():
+    """The presence gate empties long prompts about polyps only: the polyp set's own levels spread (its p9 masks
+    all gated away), every other set's do not, and leaving the polyp set out takes the pooled spread to 0."""
+
+    def gates_long_polyp_prompts(image, prompts):
+        p = oracle(image, prompts)
+        gate = np.array([len(t.split()) > 6 and "polyp" in t for t in prompts])
+        return vlseg.Prediction(masks=p.masks & ~gate[:, None, None], probs=p.probs,
+                                presence=np.where(gate, 0.1, p.presence).astype(np.float32), has_presence_head=True)
+
+    ds = make_dataset(2)
+    r = lu.language_use_report(gates_long_polyp_prompts, ds, n_canvases=2, canvas_size=96)
+    lv = r["levels"]
+    by = lv["per_dataset"]
+    assert set(by) == {"em", "polyps", "skins", "tools"}
+    assert sum(v["n"] for v in by.values()) == lv["n"] and by["polyps"]["n"] % 9 == 0
+    pol = by["polyps"]
+    assert pol["gated_away_per_level"]["p1"] == 0.0 and pol["gated_away_per_level"]["p9"] == 1.0
+    assert pol["per_level"]["p9"] == 0.0 and pol["spread"] == 1.0 and pol["spread_without"] == 0.0
+    for d in ("em", "skins", "tools"):
+        assert by[d]["spread"] == 0.0 and set(by[d]["gated_away_per_level"].values()) == {0.0}
+        # the polyp set is still in: its share of the remaining rows is the spread
+        assert by[d]["spread_without"] == pytest.approx(pol["n"] / (lv["n"] - by[d]["n"]))
+    assert "; 0.0 without polyps) [<=3 pts FAIL]" in lu.summary_line(r)
+    share = pol["n"] / lv["n"]  # the pooled p9 Dice loses exactly the polyp set's share of rows
+    assert lv["per_level"]["p9"] == pytest.approx(1.0 - share) and lv["spread"] == pytest.approx(share)
+
+
 def test_wrong_classes_are_safe_and_deterministic():
     ds = make_dataset(2)
     groups = lu.select_groups(ds, max_images=None, seed=0)

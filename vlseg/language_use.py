@@ -412,6 +412,19 @@ def _spread(per: Mapping[str, float | None]) -> float | None:
     return float(max(vals) - min(vals)) if vals else None
 
 
+def _levels_by_dataset(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per dataset of the level rows: its per-level Dice (after the gate), their spread, the share of its masks
+    the presence gate empties per level, its rows, and ``spread_without``: the pooled spread with this dataset left
+    out (a spread one dataset makes drops well below the bar without it)."""
+    out: dict[str, dict[str, Any]] = {}
+    for d in sorted({r["dataset"] for r in rows}):
+        own = [r for r in rows if r["dataset"] == d]
+        per = _per_level(own, "dice")
+        out[d] = {"per_level": per, "spread": _spread(per), "gated_away_per_level": _per_level(own, "gated_away"),
+                  "n": len(own), "spread_without": _spread(_per_level([r for r in rows if r["dataset"] != d], "dice"))}
+    return out
+
+
 def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any]], canvas_note: str | None,
                head: bool) -> dict[str, Any]:
     pres = rows["presence"]
@@ -481,6 +494,8 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
               "gated_away_per_level": _per_level(rows["levels"], "gated_away"),
               # the gate must still empty wrong-class prompts phrased at every level, not only class names
               "wrong_class_empty_per_level": _per_level(rows["levels_wrong"], "empty"),
+              # where the spread comes from: each dataset's own levels, and the spread with that dataset left out
+              "per_dataset": _levels_by_dataset(rows["levels"]),
               "n": len(rows["levels"]), "target": LEVEL_SPREAD_MAX,
               "pass": None if spread is None else spread <= LEVEL_SPREAD_MAX}
 
@@ -606,6 +621,11 @@ def summary_line(report: Mapping[str, Any]) -> str:
     wl = [v for v in (lv.get("wrong_class_empty_per_level") or {}).values() if v is not None]  # idem
     if wl:
         notes += f"; wrong class emptied {100 * min(wl):.0f}-{100 * max(wl):.0f}% over the levels"
+    without = {d: v["spread_without"] for d, v in (lv.get("per_dataset") or {}).items()  # idem
+               if v.get("spread_without") is not None}
+    if len(without) > 1 and lv["spread"] is not None:  # the dataset whose absence narrows the spread most
+        d = min(without, key=lambda k: (without[k], k))
+        notes += f"; {100 * without[d]:.1f} without {d}"
     return (f"language use: wrong-class empty {_pct(wc['empty_rate'])}"
             f" ({_se_text(wc.get('empty_rate_se'), lead=True)}true kept {_pct(wc.get('true_kept_rate'))})"
             f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
