@@ -25,6 +25,8 @@ def test_prompt_ignoring_model_is_caught():
     assert comp["leak"] == pytest.approx(0.5)  # half of what it marks is the other image's object
     assert comp["dice_class"] == pytest.approx(2 / 3) and comp["dice_empty"] == pytest.approx(2 / 3)
     assert comp["gain"] == pytest.approx(0.0) and comp["pass"] is False
+    assert {c: (v["leak"], v["leak_share"]) for c, v in comp["per_class"].items()} == \
+        {"polyp": (pytest.approx(0.5), pytest.approx(0.5)), "skin lesion": (pytest.approx(0.5), pytest.approx(0.5))}
     assert r["wrong_class"]["empty_rate"] == 0.0 and r["wrong_class"]["pass"] is False
     assert r["wrong_class"]["hard"]["n"] == 4  # polyp <-> skin lesion are look-alikes
     assert r["presence"]["auroc"] == pytest.approx(0.5)  # the same score for every prompt
@@ -35,6 +37,27 @@ def test_prompt_ignoring_model_is_caught():
     assert r["pass"] is False
     line = lu.summary_line(r)
     assert line.startswith("language use: ") and "\n" not in line and "FAIL" in line and "n/a" in line
+
+
+def test_canvas_figures_per_prompted_class_show_who_leaks_and_who_is_emptied():
+    """Skin-lesion prompts mark every object (leak 1/2 each), polyp prompts give empty masks: the pooled leak is the
+    skin lesion's, all of it is the skin lesion's share, and the polyp's masks are all empty."""
+
+    def mixed(image, prompts):
+        p = ignores_prompt(image, prompts)
+        polyp = np.array(["polyp" in t for t in prompts])
+        masks = p.masks & ~polyp[:, None, None]
+        return vlseg.Prediction(masks=masks, probs=masks.astype(np.float32), presence=p.presence,
+                                has_presence_head=True)
+
+    comp = lu.language_use_report(mixed, make_dataset(2, single_only=True), n_canvases=4, canvas_size=64)["composite"]
+    assert comp["leak"] == pytest.approx(0.5) and comp["empty_prediction_rate"] == pytest.approx(0.5)
+    per = comp["per_class"]
+    assert set(per) == {"polyp", "skin lesion"} and per["polyp"]["n"] == per["skin lesion"]["n"] == 4
+    assert per["polyp"] == {"n": 4, "empty_prediction_rate": 1.0, "dice_class": 0.0, "leak": None, "leak_share": 0.0}
+    sk = per["skin lesion"]
+    assert sk["empty_prediction_rate"] == 0.0 and sk["dice_class"] == pytest.approx(2 / 3)
+    assert sk["leak"] == pytest.approx(0.5) and sk["leak_share"] == pytest.approx(1.0)
 
 
 def test_canvas_examples_show_the_leak():

@@ -412,6 +412,21 @@ def _spread(per: Mapping[str, float | None]) -> float | None:
     return float(max(vals) - min(vals)) if vals else None
 
 
+def _canvas_by_class(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per prompted class of the canvas rows: its rows, the share of them with an empty mask, its Dice, its leak
+    (over its non-empty masks, like the pooled leak) and ``leak_share``: its part of the pooled leak (the shares add
+    up to 1; a class with few non-empty masks can leak much and weigh little)."""
+    total = sum(r["leak"] for r in rows if r["leak"] is not None)
+    out: dict[str, dict[str, Any]] = {}
+    for c in sorted({r["class"] for r in rows}):
+        own = [r for r in rows if r["class"] == c]
+        leaks = [r["leak"] for r in own if r["leak"] is not None]
+        out[c] = {"n": len(own), "empty_prediction_rate": _mean(float(r["pred_empty"]) for r in own),
+                  "dice_class": _mean(r["dice_class"] for r in own), "leak": _mean(leaks),
+                  "leak_share": float(sum(leaks) / total) if total > 0 else None}
+    return out
+
+
 def _levels_by_dataset(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per dataset of the level rows: its per-level Dice (after the gate), their spread, the share of its masks
     the presence gate empties per level, its rows, and ``spread_without``: the pooled spread with this dataset left
@@ -470,6 +485,7 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
         # the canvas draw's own noise (another draw from the same images would move the figure by about this)
         "gain_se_canvas": cluster_se(gains, on), "leak_se_canvas": cluster_se(leaks, on),
         "empty_prediction_rate": _mean(float(r["pred_empty"]) for r in canvas),
+        "per_class": _canvas_by_class(canvas),  # where the leak and the empty masks come from
         "target": {"gain_min": CANVAS_GAIN_MIN, "leak_max": CANVAS_LEAK_MAX},
         "pass": None if gain is None else bool(gain >= CANVAS_GAIN_MIN and (leak or 0.0) <= CANVAS_LEAK_MAX)}
     if canvas_note:
