@@ -581,7 +581,9 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows, and
         the share of wrong-class prompts phrased at each level that give an empty mask
         (``wrong_class_empty_per_level``, over the first look-alike and the first other class of each image; the
-        wrong-class check itself asks all the drawn classes, as class names only).
+        wrong-class check itself asks all the drawn classes, as class names only). Two breakdowns locate a miss:
+        ``composite["per_class"]`` (per prompted class: rows, empty-mask share, Dice, leak, ``leak_share``) and
+        ``levels["per_dataset"]`` (per dataset: per-level Dice, spread, gated-away share, ``spread_without``).
     """
     fn = as_predict_fn(model, predict_kwargs)
     groups = select_groups(dataset, max_images, seed)
