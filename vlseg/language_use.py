@@ -412,14 +412,21 @@ def _spread(per: Mapping[str, float | None]) -> float | None:
     return float(max(vals) - min(vals)) if vals else None
 
 
+def _by(rows: Iterable[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
+    """Rows grouped by ``row[key]``, the groups in sorted key order (each in the rows' order)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r[key], []).append(r)
+    return dict(sorted(out.items()))
+
+
 def _canvas_by_class(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per prompted class of the canvas rows: its rows, the share of them with an empty mask, its Dice, its leak
     (over its non-empty masks, like the pooled leak) and ``leak_share``: its part of the pooled leak (the shares add
     up to 1; a class with few non-empty masks can leak much and weigh little)."""
     total = sum(r["leak"] for r in rows if r["leak"] is not None)
     out: dict[str, dict[str, Any]] = {}
-    for c in sorted({r["class"] for r in rows}):
-        own = [r for r in rows if r["class"] == c]
+    for c, own in _by(rows, "class").items():
         leaks = [r["leak"] for r in own if r["leak"] is not None]
         out[c] = {"n": len(own), "empty_prediction_rate": _mean(float(r["pred_empty"]) for r in own),
                   "dice_class": _mean(r["dice_class"] for r in own), "leak": _mean(leaks),
@@ -432,8 +439,7 @@ def _levels_by_dataset(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, An
     the presence gate empties per level, its rows, and ``spread_without``: the pooled spread with this dataset left
     out (a spread one dataset makes drops well below the bar without it)."""
     out: dict[str, dict[str, Any]] = {}
-    for d in sorted({r["dataset"] for r in rows}):
-        own = [r for r in rows if r["dataset"] == d]
+    for d, own in _by(rows, "dataset").items():
         per = _per_level(own, "dice")
         out[d] = {"per_level": per, "spread": _spread(per), "gated_away_per_level": _per_level(own, "gated_away"),
                   "n": len(own), "spread_without": _spread(_per_level([r for r in rows if r["dataset"] != d], "dice"))}
@@ -445,9 +451,6 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
     pres = rows["presence"]
     wrong = [r for r in pres if r["kind"].startswith("wrong_")]
     rate = _mean(float(r["empty"]) for r in wrong)
-    by_ds: dict[str, list[dict[str, Any]]] = {}
-    for r in wrong:
-        by_ds.setdefault(r["dataset"], []).append(r)
     kept = _mean(float(not r["empty"]) for r in pres if r["label"])  # an always-empty model also empties wrong ones
     wc = {"empty_rate": rate,
           "empty_rate_se": cluster_se([float(r["empty"]) for r in wrong], [r["image"] for r in wrong]),
@@ -457,7 +460,7 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
           "random": {"empty_rate": _mean(float(r["empty"]) for r in wrong if r["kind"] == "wrong_random"),
                      "n": sum(r["kind"] == "wrong_random" for r in wrong)},
           "per_dataset": {d: {"empty_rate": _mean(float(r["empty"]) for r in rs), "n": len(rs)}
-                          for d, rs in sorted(by_ds.items())},
+                          for d, rs in _by(wrong, "dataset").items()},
           "target": WRONG_CLASS_EMPTY_MIN, "pass": None if rate is None else rate >= WRONG_CLASS_EMPTY_MIN}
 
     def au(kinds: tuple[str, ...], rs: Sequence[dict[str, Any]] = pres) -> float | None:
@@ -492,8 +495,7 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
         comp["note"] = canvas_note
 
     per: dict[str, dict[str, Any]] = {}
-    for d in sorted({r["dataset"] for r in rows["own_other"]}):
-        rs = [r for r in rows["own_other"] if r["dataset"] == d]
+    for d, rs in _by(rows["own_other"], "dataset").items():
         own, other = _mean(r["own"] for r in rs), _mean(r["other"] for r in rs)
         ratio = own / max(other, OTHER_DICE_FLOOR)  # type: ignore[operator,type-var]
         per[d] = {"own": own, "other": other, "ratio": ratio, "n": len(rs), "pass": ratio >= OWN_OTHER_RATIO_MIN}
