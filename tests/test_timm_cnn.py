@@ -37,6 +37,35 @@ def test_fine_maps_follow_the_info():
     assert [tuple(m.shape) for m in f.fine] == [(2, c, 64 // s, 96 // s) for s, c in zip((2, 4, 8), (64, 64, 128))]
 
 
+
+def test_stages_no_layer_reads_are_not_run():
+    """A decoder reading strides 4-16 runs the CNN only to stride 16: stride 32 (``layer4``) is never called, and
+    the tokens, fine maps and gradients are exactly those of the whole CNN's run. Asking for the pooled embedding,
+    or the last stage, runs it all."""
+    enc = build(options={"model": "resnet18", "width": 16}).image.train()
+    calls = []
+    enc.backbone.layer4.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 3, 64, 64)
+    f = enc(x, [1, 2, 3])
+    assert calls == [] and len(f.fine) == 3
+    whole = enc.backbone(x)  # the stock wrapper: every stage
+    assert calls == [1]
+    ref = []
+    for i, r in zip([1, 2, 3], enc.reductions[1:4]):
+        g = whole[i] if r >= 16 else torch.nn.functional.avg_pool2d(whole[i], 16 // r)
+        ref.append(enc.norm[i](enc.proj[i](g).flatten(2).transpose(1, 2)))
+    for a, b in zip(f.tokens, ref):
+        assert torch.equal(a, b)
+    for a, b in zip(f.fine, whole[:3]):
+        assert torch.equal(a, b)
+    w = torch.randn_like(f.tokens[2])
+    ga = torch.autograd.grad((f.tokens[2] * w).sum(), enc.backbone.conv1.weight)[0]
+    gb = torch.autograd.grad((ref[2] * w).sum(), enc.backbone.conv1.weight)[0]
+    assert torch.equal(ga, gb) and ga.abs().sum() > 0
+    enc(x, [1], pooled=True)
+    enc(x, [4])
+    assert calls == [1, 1, 1]
+
 def test_stage_tokens_are_local():
     """A change in one corner of the image moves the stride-16 tokens near it, not the far corner's (locality
     is why this trunk exists)."""

@@ -112,6 +112,28 @@ class TimmCNNImageEncoder(ImageEncoder):
             fine_strides=tuple(self.reductions[i] for i in fine), fine_channels=tuple(chans[i] for i in fine),
         )
 
+    def _stages(self, x: Tensor, last: int) -> list[Tensor]:
+        """(B, 3, H, W) -> the feature maps of stages 0..``last`` (stage s: (B, C_s, H / r_s, W / r_s)). The CNN
+        stops after stage ``last``: the stages no decoder reads cost no time (resnet18's stride-32 stage is a third of
+        its own forward and backward time at 256 px, and no decoder of ours reads it). timm's sequential feature wrapper
+        (ResNets and most CNNs) is run module by module; other wrappers, and gradient checkpointing, run whole."""
+        net = self.backbone
+        taps = getattr(net, "return_layers", None)
+        if taps is None or last >= len(self.reductions) - 1 or getattr(net, "grad_checkpointing", False) \
+                or not isinstance(net, nn.ModuleDict):
+            return list(net(x))[: last + 1]
+        out: list[Tensor] = []
+        for name, module in net.items():
+            x = module(x)
+            if name in taps:
+                if isinstance(x, (tuple, list)):  # as timm's own wrapper: a tuple tap is joined or its first taken
+                    out.append(torch.cat(list(x), 1) if getattr(net, "concat", False) else x[0])
+                else:
+                    out.append(x)
+                if len(out) > last:
+                    break
+        return out
+
     def forward(self, pixel_values: Tensor, layers: Sequence[int], pooled: bool = False) -> ImageFeatures:
         """(B, 3, H, W) -> ImageFeatures with one (B, (H/p) * (W/p), width) tensor per requested stage, and the
         stages finer than the grid as maps (B, C_s, H/s, W/s) in ``fine``."""
@@ -119,7 +141,8 @@ class TimmCNNImageEncoder(ImageEncoder):
         grid = (h // self.info.patch_size, w // self.info.patch_size)
         n = len(self.proj)
         layers = [i % n for i in layers]
-        feats = self.backbone(pixel_values)
+        fine_idx = [i for i, r in enumerate(self.reductions) if r < self.info.patch_size]
+        feats = self._stages(pixel_values, max(layers + fine_idx + ([n - 1] if pooled else [])))
         tokens = []
         for i in layers:
             f, r = feats[i], self.reductions[i]
@@ -129,7 +152,7 @@ class TimmCNNImageEncoder(ImageEncoder):
                 f = nn.functional.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             tokens.append(self.norm[i](self.proj[i](f).flatten(2).transpose(1, 2)))
         pooled_t = self.norm[n - 1](self.proj[n - 1](feats[-1]).mean((2, 3))) if pooled else None
-        fine = [f for f, r in zip(feats, self.reductions) if r < self.info.patch_size]
+        fine = [feats[i] for i in fine_idx]
         return ImageFeatures(tokens=tokens, grid=grid, num_prefix_tokens=0, pooled=pooled_t, image_size=(h, w),
                              fine=fine)
 
