@@ -1,7 +1,6 @@
 """Language-use checks (vlseg.language_use) on constructed cases with hand-checked numbers, and on a tiny model."""
 
 import hashlib
-import inspect
 import json
 import math
 import sys
@@ -416,8 +415,14 @@ def test_predict_fn_batches_prompts_and_allows_the_empty_prompt():
     assert p.masks.shape == (3, 20, 30) and p.probs.shape == (3, 20, 30)
     direct = vlseg.predict(model, image, ["polyp", "skin lesion"], presence_threshold=None)
     assert np.array_equal(p.masks[[0, 2]], direct.masks) and np.allclose(p.presence[[0, 2]], direct.presence)
-    if "allow_empty_prompts" not in inspect.signature(vlseg.predict).parameters:
-        assert math.isnan(p.presence[1])  # "" went through segment, which gives no presence
+    calls = model.stats["image_encoder_calls"]
+    p = fn(image, ["polyp", "", "skin lesion"])
+    assert model.stats["image_encoder_calls"] == calls + 1  # one forward pass: the empty prompt rides along
+    alone = vlseg.segment(model, image, [""], allow_empty_prompts=True, presence_threshold=None, return_probs=True)
+    assert np.allclose(p.probs[1], alone[0], atol=1e-5) and p.probs[1].std() > 0  # an informative map, as alone
+    assert np.isfinite(p.presence[1])
+    with pytest.raises(ValueError, match="Prompt 1 is empty"):
+        vlseg.predict(model, image, ["polyp", ""])
     with pytest.raises(TypeError, match="VLSegModel or a callable"):
         lu.as_predict_fn(object())
 

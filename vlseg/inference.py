@@ -230,12 +230,14 @@ def _prompt_list(prompts: Any) -> list[str]:
 
 def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], threshold: float = 0.5,
             presence_threshold: PresenceThreshold = "model", boxes: Sequence[Any] | None = None,
-            box_labels: Sequence[Any] | None = None, precision: str = "fp32", flip: FlipSetting = "model"
-            ) -> Prediction:
+            box_labels: Sequence[Any] | None = None, precision: str = "fp32", flip: FlipSetting = "model",
+            allow_empty_prompts: bool = False) -> Prediction:
     """Masks, probabilities, presence scores (and instances, for families that detect them) for one 2D image
-    (path, PIL or array) and K prompts; ``boxes``/``box_labels``, ``precision`` and ``flip`` as in ``segment``."""
+    (path, PIL or array) and K prompts, in one forward pass (the image is encoded once); ``boxes``/``box_labels``,
+    ``precision``, ``flip`` and ``allow_empty_prompts`` (the empty prompt "", for ablations: scored, and gated by
+    its presence, like any other) as in ``segment``."""
     prompts = _prompt_list(prompts)
-    normalize_prompts(prompts, 1)
+    normalize_prompts(prompts, 1, allow_empty=allow_empty_prompts)
     if not isinstance(model, VLSegModel):
         raise TypeError(f"predict() needs a VLSegModel, got {type(model).__name__}")
     _check_boxes(model, boxes)

@@ -20,7 +20,6 @@ call) or any callable ``(image (H, W, 3) uint8, prompts: list[str]) -> vlseg.Pre
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -60,15 +59,14 @@ PredictFn = Callable[[np.ndarray, list[str]], "Prediction"]
 def as_predict_fn(model: Any, predict_kwargs: Mapping[str, Any] | None = None) -> PredictFn:
     """A ``(image, prompts) -> Prediction`` function for a VLSegModel or a callable of that shape.
 
-    For a VLSegModel, non-empty prompts go through ``vlseg.predict`` in one call; the empty prompt "" (p0), which
-    ``predict`` may refuse, goes through ``vlseg.segment(..., allow_empty_prompts=True)`` (its presence is NaN).
-    ``predict_kwargs`` (e.g. ``presence_threshold``, ``threshold``) are passed to both; unset ones keep their
-    defaults (the checkpoint's calibrated presence threshold, once stored there).
+    For a VLSegModel, all the prompts, the empty prompt "" (p0) included, go through one ``vlseg.predict`` call (one
+    forward pass: the image is encoded once). ``predict_kwargs`` (e.g. ``presence_threshold``, ``threshold``) are
+    passed to it; unset ones keep their defaults (the checkpoint's calibrated presence threshold, once stored there).
 
     Raises:
         TypeError: ``model`` is neither a VLSegModel nor callable.
     """
-    from . import Prediction, VLSegModel, predict, segment  # the public API (resolved at call time)
+    from . import Prediction, VLSegModel, predict  # the public API (resolved at call time)
 
     kw = dict(predict_kwargs or {})
     if not isinstance(model, VLSegModel):
@@ -78,25 +76,9 @@ def as_predict_fn(model: Any, predict_kwargs: Mapping[str, Any] | None = None) -
             raise TypeError("predict_kwargs apply to VLSegModels only; bake them into your callable")
         raise TypeError(f"expected a VLSegModel or a callable (image, prompts) -> Prediction, "
                         f"got {type(model).__name__}")
-    predict_takes_empty = "allow_empty_prompts" in inspect.signature(predict).parameters
 
     def run(image: np.ndarray, prompts: list[str]) -> Prediction:
-        if predict_takes_empty:
-            return predict(model, image, prompts, allow_empty_prompts=True, **kw)  # type: ignore[call-arg]
-        full = [i for i, p in enumerate(prompts) if p != ""]
-        empty = [i for i, p in enumerate(prompts) if p == ""]
-        h, w = image.shape[:2]
-        masks = np.zeros((len(prompts), h, w), bool)
-        probs = np.zeros((len(prompts), h, w), np.float32)
-        presence = np.full(len(prompts), np.nan, np.float32)
-        head = False
-        if full:
-            p = predict(model, image, [prompts[i] for i in full], **kw)
-            masks[full], probs[full], presence[full], head = p.masks, p.probs, p.presence, p.has_presence_head
-        if empty:
-            m = segment(model, image, [""], allow_empty_prompts=True, **kw)[0]
-            masks[empty], probs[empty] = m, m.astype(np.float32)
-        return Prediction(masks=masks, probs=probs, presence=presence, has_presence_head=head)
+        return predict(model, image, prompts, allow_empty_prompts=True, **kw)
 
     return run
 
