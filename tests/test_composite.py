@@ -137,6 +137,27 @@ def test_sampler_is_a_pure_function_of_seed_and_step():
     assert a.pick(3, item=0) != a.pick(3, item=1) or a.pick(4, item=0) != a.pick(4, item=1)
 
 
+
+def test_sampler_reads_tiles_through_the_given_cache():
+    """Training hands the sampler its GroupCache: every tile is decoded once, then served from the cache, and the
+    canvases are the same as the uncached sampler's. (An empty GroupCache is falsy: ``loader or default`` once
+    dropped it, and every canvas decoded its tiles from their files again.)"""
+    from vlseg.data import GroupCache
+
+    ds = make_dataset(3)
+    cache = GroupCache(1 << 30)
+    assert not cache  # the trap: empty, so falsy
+    cached, plain = CompositeSampler(ds, seed=7, size=96, loader=cache), CompositeSampler(ds, seed=7, size=96)
+    first = cached.canvas(0)
+    n = len(first.tiles)
+    assert (cache.misses, cache.hits) == (n, 0)
+    again = cached.canvas(0)
+    assert (cache.misses, cache.hits) == (n, n)
+    ref = plain.canvas(0)
+    assert np.array_equal(first.image, ref.image) and np.array_equal(again.image, ref.image)
+    assert first.image.std() > 0 and all(np.array_equal(again.targets[c], ref.targets[c]) for c in ref.targets)
+    assert any(t.any() for t in ref.targets.values())
+
 def test_sampler_tiles_come_from_compatible_datasets():
     ds = make_dataset(2)
     s = CompositeSampler(ds, seed=0, size=96)

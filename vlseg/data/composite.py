@@ -211,7 +211,9 @@ class CompositeSampler:
         if not 0.0 <= hard_rate <= 1.0:
             raise ValueError(f"hard_rate must be within [0, 1], got {hard_rate}")
         self.hard_rate = float(hard_rate)
-        self.loader = loader or (lambda ds, g: load_group(ds, g)[:2])
+        # `is None`, not `or`: a GroupCache is a sized container, falsy while empty, so `loader or ...` dropped the
+        # training cache and decoded every canvas tile from its file again
+        self.loader = loader if loader is not None else (lambda ds, g: load_group(ds, g)[:2])
         self.dataset, self.seed, self.tiles, self.size = dataset, int(seed), (int(lo), int(hi)), int(size)
         self.groups = list(group_by_image(dataset) if groups is None else groups)
         self.by_dataset: dict[str, list[int]] = {}
