@@ -137,7 +137,6 @@ def test_sampler_is_a_pure_function_of_seed_and_step():
     assert a.pick(3, item=0) != a.pick(3, item=1) or a.pick(4, item=0) != a.pick(4, item=1)
 
 
-
 def test_sampler_reads_tiles_through_the_given_cache():
     """Training hands the sampler its GroupCache: every tile is decoded once, then served from the cache, and the
     canvases are the same as the uncached sampler's. (An empty GroupCache is falsy: ``loader or default`` once
@@ -157,6 +156,7 @@ def test_sampler_reads_tiles_through_the_given_cache():
     assert np.array_equal(first.image, ref.image) and np.array_equal(again.image, ref.image)
     assert first.image.std() > 0 and all(np.array_equal(again.targets[c], ref.targets[c]) for c in ref.targets)
     assert any(t.any() for t in ref.targets.values())
+
 
 def test_sampler_tiles_come_from_compatible_datasets():
     ds = make_dataset(2)

@@ -410,11 +410,12 @@ def test_evaluate_saves_canvas_pictures(tmp_path):
 def test_predict_fn_batches_prompts_and_allows_the_empty_prompt():
     model = vlseg.create_model("tiny-test", pretrained=False)
     fn = lu.as_predict_fn(model, {"presence_threshold": None})
-    image = np.zeros((20, 30, 3), np.uint8)
+    image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     p = fn(image, ["polyp", "", "skin lesion"])
     assert p.masks.shape == (3, 20, 30) and p.probs.shape == (3, 20, 30)
     direct = vlseg.predict(model, image, ["polyp", "skin lesion"], presence_threshold=None)
     assert np.array_equal(p.masks[[0, 2]], direct.masks) and np.allclose(p.presence[[0, 2]], direct.presence)
+    assert np.allclose(p.probs[[0, 2]], direct.probs, atol=1e-5) and not np.allclose(p.probs[0], p.probs[2])
     calls = model.stats["image_encoder_calls"]
     p = fn(image, ["polyp", "", "skin lesion"])
     assert model.stats["image_encoder_calls"] == calls + 1  # one forward pass: the empty prompt rides along

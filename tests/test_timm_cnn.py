@@ -37,7 +37,6 @@ def test_fine_maps_follow_the_info():
     assert [tuple(m.shape) for m in f.fine] == [(2, c, 64 // s, 96 // s) for s, c in zip((2, 4, 8), (64, 64, 128))]
 
 
-
 def test_stages_no_layer_reads_are_not_run():
     """A decoder reading strides 4-16 runs the CNN only to stride 16: stride 32 (``layer4``) is never called, and
     the tokens, fine maps and gradients are exactly those of the whole CNN's run. Asking for the pooled embedding,
@@ -65,6 +64,10 @@ def test_stages_no_layer_reads_are_not_run():
     enc(x, [1], pooled=True)
     enc(x, [4])
     assert calls == [1, 1, 1]
+    enc.backbone.set_grad_checkpointing(True)  # checkpointed: timm's own wrapper runs, whole
+    enc(x, [1, 2, 3])
+    assert calls == [1, 1, 1, 1]
+
 
 def test_stage_tokens_are_local():
     """A change in one corner of the image moves the stride-16 tokens near it, not the far corner's (locality

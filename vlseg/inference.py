@@ -233,9 +233,17 @@ def predict(model: VLSegModel, image: Any, prompts: str | Sequence[str], thresho
             box_labels: Sequence[Any] | None = None, precision: str = "fp32", flip: FlipSetting = "model",
             allow_empty_prompts: bool = False) -> Prediction:
     """Masks, probabilities, presence scores (and instances, for families that detect them) for one 2D image
-    (path, PIL or array) and K prompts, in one forward pass (the image is encoded once); ``boxes``/``box_labels``,
-    ``precision``, ``flip`` and ``allow_empty_prompts`` (the empty prompt "", for ablations: scored, and gated by
-    its presence, like any other) as in ``segment``."""
+    (path, PIL or array) and K prompts, in one forward pass (the image is encoded once).
+
+    ``threshold``, ``presence_threshold``, ``boxes``/``box_labels``, ``precision`` and ``flip`` are as in ``segment``;
+    ``allow_empty_prompts`` lets the empty prompt "" through (ablations: it is scored, and gated by its presence,
+    like any other prompt).
+
+    Raises:
+        ValueError: an empty prompt list, an empty prompt string without ``allow_empty_prompts``, unreadable input,
+            box prompts for a model that takes none.
+        TypeError: prompts that are not strings, or ``model`` is not a VLSegModel.
+    """
     prompts = _prompt_list(prompts)
     normalize_prompts(prompts, 1, allow_empty=allow_empty_prompts)
     if not isinstance(model, VLSegModel):

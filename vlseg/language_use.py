@@ -14,8 +14,8 @@ checks (``language_use_report``), each with a target (module constants):
 
 ``calibrate_presence`` picks the presence-gate threshold on a validation split.
 
-A "model" here is a ``VLSegModel`` (run through ``vlseg.predict`` / ``vlseg.segment``, K prompts per image in one
-call) or any callable ``(image (H, W, 3) uint8, prompts: list[str]) -> vlseg.Prediction`` (baselines, stubs).
+A "model" here is a ``VLSegModel`` (run through ``vlseg.predict``, K prompts per image, the empty one included, in
+one call) or any callable ``(image (H, W, 3) uint8, prompts: list[str]) -> vlseg.Prediction`` (baselines, stubs).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def as_predict_fn(model: Any, predict_kwargs: Mapping[str, Any] | None = None) -
                         f"got {type(model).__name__}")
 
     def run(image: np.ndarray, prompts: list[str]) -> Prediction:
-        return predict(model, image, prompts, allow_empty_prompts=True, **kw)
+        return predict(model, image, prompts, **{**kw, "allow_empty_prompts": True})
 
     return run
 
@@ -544,7 +544,7 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
         canvas_size: canvas side in pixels.
         levels: score prompt levels p1..p9 (9 prompts per present class; turn off to save time).
         progress: show progress bars.
-        predict_kwargs: passed to ``vlseg.predict`` / ``segment`` (e.g. ``presence_threshold``).
+        predict_kwargs: passed to ``vlseg.predict`` (e.g. ``presence_threshold``).
         keep_rows: also return the per-prompt rows under ``"rows"``.
         canvas_examples: also return that many scored (canvas, class) pairs under ``"canvas_examples"``: dicts with
             ``image`` (S, S, 3) uint8, ``target`` and ``pred`` (S, S) bool, ``class``, ``canvas``, ``leak`` (for

@@ -114,10 +114,10 @@ class TimmCNNImageEncoder(ImageEncoder):
 
     def _stages(self, x: Tensor, last: int) -> list[Tensor]:
         """(B, 3, H, W) -> the feature maps of stages 0..``last`` (stage s: (B, C_s, H / r_s, W / r_s)). The CNN
-        stops after stage ``last``: a stage no decoder reads costs no time. (resnet18's stride-32 stage, which the main
-        job's decoder does not read, cost only its forward, nothing flowing back through it: 3% of a training step on
-        a Zen 4, paired steps.) timm's sequential feature wrapper (ResNets and most CNNs) is run module by module;
-        other wrappers, and gradient checkpointing, run whole."""
+        stops after stage ``last``: a stage no decoder reads costs no time (the main job's decoder never reads resnet18's
+        stride-32 stage). timm's sequential feature wrapper (ResNets and most CNNs) is run module by module, as its
+        own forward does (so hooks on ``backbone`` itself do not fire; hooks on its stages do); other wrappers, and
+        gradient checkpointing, run whole."""
         net = self.backbone
         taps = getattr(net, "return_layers", None)
         if taps is None or last >= len(self.reductions) - 1 or getattr(net, "grad_checkpointing", False) \
