@@ -140,6 +140,30 @@ def test_property_generated_prompts_true(h, w, seed, level):
     assert isinstance(text, str) and (text == "") == (level == "p0")
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 2**31 - 1), st.floats(0.05, 0.7))
+def test_property_components_match_a_whole_image_scan(h, w, seed, density):
+    """``components`` finds each component's pixels inside its box; a scan of the whole label image per component
+    (the plain way) gives the same areas, boxes and centroids, bit for bit, so prompts do not change."""
+    from scipy import ndimage
+
+    m = np.random.default_rng(seed).random((h, w)) < density  # speckled: many components, specks dropped
+    labels, comps = P.components(m)
+    ref_labels, n = ndimage.label(m, structure=np.ones((3, 3), dtype=int))
+    assert np.array_equal(labels, ref_labels)
+    if n == 0:
+        assert comps == []
+        return
+    areas = np.bincount(ref_labels.ravel())[1:]
+    ref = []
+    for lab in [i + 1 for i in range(n) if areas[i] >= max(1, 0.05 * areas.max())]:
+        ys, xs = np.nonzero(ref_labels == lab)
+        ref.append(P.Component(area=len(ys), bbox=(ys.min(), xs.min(), ys.max() + 1, xs.max() + 1),
+                               centroid=(float(ys.mean()), float(xs.mean())), label=lab))
+    ref.sort(key=lambda c: -c.area)
+    assert comps == ref
+
 def test_sampler_negatives_and_reproducibility():
     m = np.zeros((30, 30), bool)
     m[5:15, 5:15] = True

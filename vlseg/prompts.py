@@ -201,11 +201,14 @@ def components(mask: Any, min_fraction: float = 0.05) -> tuple[np.ndarray, list[
         return labels, []
     areas = np.bincount(labels.ravel())[1:]
     keep = [i + 1 for i in range(n) if areas[i] >= max(1, min_fraction * areas.max())]
+    boxes = ndimage.find_objects(labels)  # each label's tight box: its pixels are found there, not in the whole image
     comps = []
     for lab in keep:
-        ys, xs = np.nonzero(labels == lab)
-        comps.append(Component(area=int(len(ys)), bbox=(int(ys.min()), int(xs.min()), int(ys.max()) + 1,
-                                                       int(xs.max()) + 1),
+        ys_box, xs_box = boxes[lab - 1]
+        ys, xs = np.nonzero(labels[ys_box, xs_box] == lab)
+        ys, xs = ys + ys_box.start, xs + xs_box.start  # integer coordinates: the same sums, so the same means
+        comps.append(Component(area=int(len(ys)), bbox=(int(ys_box.start), int(xs_box.start), int(ys_box.stop),
+                                                       int(xs_box.stop)),
                                centroid=(float(ys.mean()), float(xs.mean())), label=lab))
     comps.sort(key=lambda c: -c.area)
     return labels, comps
