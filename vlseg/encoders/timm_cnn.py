@@ -105,6 +105,7 @@ class TimmCNNImageEncoder(ImageEncoder):
         self.norm = nn.ModuleList(nn.LayerNorm(width) for _ in chans)  # per token: no statistics across the image
         self.trainable_prefixes = ("proj.", "norm.")  # new layers: they train even when the CNN itself is frozen
         fine = [i for i, r in enumerate(self.reductions) if r < patch_size]
+        self.fine_stages: list[int] = fine  # the stages finer than the grid, given as maps (``ImageFeatures.fine``)
         self.info = ImageEncoderInfo(
             width=width, num_layers=len(chans), patch_size=patch_size, image_size=image_size, embed_dim=width,
             num_prefix_tokens=0, mean=IMAGENET_MEAN, std=IMAGENET_STD, resample=2,
@@ -142,8 +143,7 @@ class TimmCNNImageEncoder(ImageEncoder):
         grid = (h // self.info.patch_size, w // self.info.patch_size)
         n = len(self.proj)
         layers = [i % n for i in layers]
-        fine_idx = [i for i, r in enumerate(self.reductions) if r < self.info.patch_size]
-        feats = self._stages(pixel_values, max(layers + fine_idx + ([n - 1] if pooled else [])))
+        feats = self._stages(pixel_values, max(layers + self.fine_stages + ([n - 1] if pooled else [])))
         tokens = []
         for i in layers:
             f, r = feats[i], self.reductions[i]
@@ -153,7 +153,7 @@ class TimmCNNImageEncoder(ImageEncoder):
                 f = nn.functional.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             tokens.append(self.norm[i](self.proj[i](f).flatten(2).transpose(1, 2)))
         pooled_t = self.norm[n - 1](self.proj[n - 1](feats[-1]).mean((2, 3))) if pooled else None
-        fine = [feats[i] for i in fine_idx]
+        fine = [feats[i] for i in self.fine_stages]
         return ImageFeatures(tokens=tokens, grid=grid, num_prefix_tokens=0, pooled=pooled_t, image_size=(h, w),
                              fine=fine)
 
