@@ -69,6 +69,33 @@ def test_stages_no_layer_reads_are_not_run():
     assert calls == [1, 1, 1, 1]
 
 
+@pytest.mark.parametrize("name", ["resnet10t", "regnetx_002", "convnext_atto", "efficientnet_b0"])
+def test_stages_match_timm_on_other_trunks(name):
+    """The early-stopping stage runner copies timm's sequential feature loop (a private detail), so it is checked
+    against timm's own wrapper on trunks of other families: for every last stage, exactly the wrapper's first maps,
+    and the stages after it never called. ConvNeXt's stem is stride 4 (four stages, no stride-2 map); EfficientNet's
+    wrapper is not sequential, so it runs whole."""
+    enc = build(options={"model": name, "width": 8}).image.eval()
+    net = enc.backbone
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        whole = list(net(x))
+    assert len(whole) == len(enc.reductions) and len(whole) == (4 if name.startswith("convnext") else 5)
+    sequential = isinstance(net, torch.nn.ModuleDict)
+    assert sequential == (name != "efficientnet_b0")
+    if sequential:
+        last_tap = dict(net.named_children())[list(net.return_layers)[-1]]
+        calls = []
+        last_tap.register_forward_hook(lambda *a: calls.append(1))
+    for last in range(len(whole)):
+        with torch.no_grad():
+            part = enc._stages(x, last)
+        assert len(part) == last + 1 and all(torch.equal(a, b) for a, b in zip(part, whole))
+        if sequential:
+            assert calls == ([1] if last == len(whole) - 1 else [])
+            calls.clear()
+
+
 def test_stage_tokens_are_local():
     """A change in one corner of the image moves the stride-16 tokens near it, not the far corner's (locality
     is why this trunk exists)."""
