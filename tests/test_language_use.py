@@ -1,5 +1,6 @@
 """Language-use checks (vlseg.language_use) on constructed cases with hand-checked numbers, and on a tiny model."""
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -474,3 +475,59 @@ def test_per_dataset_present_leaves_out_images_annotated_without_their_class(mon
     assert summary["per_dataset_present"]["busi"]["n"] == 1
     assert summary["per_dataset_present"]["cvc"] == summary["per_dataset"]["cvc"]
     assert "all" not in summary["per_dataset_present"]
+
+
+def _pres(image, label, kind, score, nonempty=True):
+    return {"image": image, "label": label, "kind": kind, "score": score, "nonempty": nonempty}
+
+
+def test_gate_fit_on_other_images_by_hand():
+    """Images a, b: wrong-class scores 0.2 / 0.3, true 0.8 / 0.9. Images c, d: wrong 0.6 / 0.7, true 0.65 / 0.95.
+    Fit on a, b: emptying both negatives puts t mid-way 0.3 -> 0.8, at 0.55, which on c, d keeps both wrong-class
+    masks and both true ones. Fit on c, d: emptying both negatives (t 0.825) keeps one true mask in two, under 90%,
+    so balanced accuracy picks t = 0.625 (mid-way 0.6 -> 0.65; tied with 0.825, the lower wins), which on a, b empties
+    both wrong-class prompts and keeps both true masks. Pooled: 2 of 4 wrong-class prompts emptied, 4 of 4 true kept,
+    where the gate fit on all four images and scored on them empties 3 of 4: the in-sample figure flatters."""
+    rows = [_pres("a", False, "wrong_hard", 0.2), _pres("a", True, "present", 0.8),
+            _pres("b", False, "wrong_random", 0.3), _pres("b", True, "present", 0.9),
+            _pres("c", False, "wrong_hard", 0.6), _pres("c", True, "present", 0.65),
+            _pres("d", False, "wrong_random", 0.7), _pres("d", True, "present", 0.95)]
+    out = lu.crossfit_gate(rows, [["a", "b"]])
+    assert out == {"empty_rate": 0.5, "true_kept_rate": 1.0, "splits": 1}
+    whole = lu.choose_presence_threshold([r["score"] for r in rows], [r["label"] for r in rows])
+    assert whole["tnr"] == 0.75  # in sample
+    # an annotated-absent class is a negative to fit on (c, d's fit still picks 0.625), not a wrong-class prompt to
+    # score: its mask, kept at a, b's 0.55, does not count (counted, the rate would read 2 of 5)
+    rows2 = rows + [_pres("c", False, "absent", 0.99)]
+    assert lu.choose_presence_threshold([0.6, 0.65, 0.7, 0.95, 0.99], [False, True, False, True, False])[
+        "threshold"] == pytest.approx(0.625)
+    assert lu.crossfit_gate(rows2, [["a", "b"]]) == {"empty_rate": 0.5, "true_kept_rate": 1.0, "splits": 1}
+    # a mask with no pixel is empty whatever its score; a half with no negatives cannot be fitted: no split
+    rows3 = [dict(r, nonempty=False) if r["image"] == "c" and not r["label"] else r for r in rows]
+    assert lu.crossfit_gate(rows3, [["a", "b"]])["empty_rate"] == 0.75
+    only_true = [r for r in rows if r["label"] or r["image"] in ("a", "b")]
+    assert lu.crossfit_gate(only_true, [["a", "b"]]) == {"empty_rate": None, "true_kept_rate": None, "splits": 0}
+
+
+def test_report_gives_the_gate_fit_on_other_images():
+    """The report's out-of-sample figure is crossfit_gate over its own presence rows and seeded halvings of its
+    images (the same for the same seed), and the summary line shows it; a model without a presence head has none."""
+    ds = make_dataset(2)
+    r = lu.language_use_report(_unsure, ds, canvas_size=96, keep_rows=True, n_canvases=2)
+    pres = r["rows"]["presence"]
+    halves = lu._random_halves((x["image"] for x in pres), 0, lu.CROSSFIT_SPLITS)
+    assert len(halves) == 20 and len({tuple(h) for h in halves}) > 1
+    n_img = len({x["image"] for x in pres})
+    assert all(len(h) == n_img // 2 for h in halves) and halves == lu._random_halves(
+        [x["image"] for x in pres][::-1], 0, 20)
+    oos = r["wrong_class"]["out_of_sample"]
+    assert oos == lu.crossfit_gate(pres, halves) and oos["splits"] > 0
+    assert 0.0 <= oos["empty_rate"] <= 1.0 and 0.0 < oos["true_kept_rate"] <= 1.0
+    line = lu.summary_line(r)
+    assert (f"gate fit on other images: {100 * oos['empty_rate']:.1f}% / kept {100 * oos['true_kept_rate']:.1f}%)"
+            in line)
+    def no_head(image, prompts):
+        return dataclasses.replace(ignores_prompt(image, prompts), has_presence_head=False)
+
+    plain = lu.language_use_report(no_head, make_dataset(2, single_only=True), n_canvases=2, canvas_size=64)
+    assert "out_of_sample" not in plain["wrong_class"] and "gate fit" not in lu.summary_line(plain)

@@ -288,6 +288,56 @@ def choose_presence_threshold(scores: Sequence[float] | np.ndarray, labels: Sequ
             "curve": {"threshold": ts.tolist(), "tpr": tpr.tolist(), "tnr": tnr.tolist()}}
 
 
+def crossfit_gate(presence_rows: Sequence[Mapping[str, Any]], halves: Sequence[Iterable[str]],
+                  min_specificity: float = WRONG_CLASS_EMPTY_MIN, min_sensitivity: float = 0.9
+                  ) -> dict[str, float | None]:
+    """The presence gate calibrated on one half of the images and applied to the other, both ways.
+
+    The threshold the finish step stores is chosen on the validation images to empty ``min_specificity`` of their
+    negative prompts, so the wrong-class figure measured on those same images is met nearly by construction. This is
+    the figure on images the calibration did not see. For each split in ``halves`` (the images of its first half),
+    ``choose_presence_threshold`` runs on one half's rows (present, absent and wrong-class prompts, as
+    ``presence_calibration`` does) and its threshold gates the other half's; the two directions are pooled and the
+    splits averaged.
+
+    Args:
+        presence_rows: the report's presence rows (``image``, ``label``, ``kind``, ``score``, ``nonempty``).
+        halves: per split, the ``image`` keys of its first half (the rest form the second).
+    Returns:
+        {"empty_rate": wrong-class prompts emptied, "true_kept_rate": true prompts keeping a mask, "splits": splits
+        used}; rates are None when no split could be calibrated (a half without positives or negatives).
+    """
+    emptied: list[float] = []
+    kept: list[float] = []
+    for first in halves:
+        a = set(first)
+        parts = ([r for r in presence_rows if r["image"] in a], [r for r in presence_rows if r["image"] not in a])
+        outcome: list[tuple[dict[str, Any], bool]] = []  # (row, mask left non-empty)
+        try:
+            for fit, score in (parts, parts[::-1]):
+                t = choose_presence_threshold([r["score"] for r in fit], [r["label"] for r in fit],
+                                              [r["nonempty"] for r in fit], min_specificity, min_sensitivity)
+                outcome += [(dict(r), bool(r["nonempty"] and r["score"] >= t["threshold"])) for r in score]
+        except ValueError:  # a half with no positives or no negatives: this split cannot be calibrated
+            continue
+        wrong = [not shown for r, shown in outcome if str(r["kind"]).startswith("wrong_")]
+        true = [shown for r, shown in outcome if r["label"]]
+        if wrong and true:
+            emptied.append(float(np.mean(wrong)))
+            kept.append(float(np.mean(true)))
+    return {"empty_rate": _mean(emptied), "true_kept_rate": _mean(kept), "splits": len(emptied)}
+
+
+def _random_halves(images: Iterable[str], seed: int, n: int) -> list[list[str]]:
+    """``n`` seeded random halves of the (sorted, unique) image keys."""
+    keys = sorted(set(images))
+    return [[keys[i] for i in np.random.default_rng([seed, k]).permutation(len(keys))[: len(keys) // 2]]
+            for k in range(n)]
+
+
+CROSSFIT_SPLITS = 20  # random halvings averaged for the out-of-sample wrong-class figure
+
+
 # ----------------------------------------------------------------------------- the checks
 def _presence_row(base: dict[str, Any], class_name: str, label: bool, kind: str, o: _Out) -> dict[str, Any]:
     """One prompt's presence row: its score, and whether its mask has pixels before (``nonempty``) and after
@@ -429,7 +479,7 @@ def _levels_by_dataset(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, An
 
 
 def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any]], canvas_note: str | None,
-               head: bool) -> dict[str, Any]:
+               head: bool, seed: int = 0) -> dict[str, Any]:
     pres = rows["presence"]
     wrong = [r for r in pres if r["kind"].startswith("wrong_")]
     rate = _mean(float(r["empty"]) for r in wrong)
@@ -444,6 +494,8 @@ def _summaries(rows: dict[str, list[dict[str, Any]]], canvas: list[dict[str, Any
           "per_dataset": {d: {"empty_rate": _mean(float(r["empty"]) for r in rs), "n": len(rs)}
                           for d, rs in _by(wrong, "dataset").items()},
           "target": WRONG_CLASS_EMPTY_MIN, "pass": None if rate is None else rate >= WRONG_CLASS_EMPTY_MIN}
+    if head and wrong:  # the same figures with the gate calibrated on the other half of the images
+        wc["out_of_sample"] = crossfit_gate(pres, _random_halves((r["image"] for r in pres), seed, CROSSFIT_SPLITS))
 
     def au(kinds: tuple[str, ...], rs: Sequence[dict[str, Any]] = pres) -> float | None:
         sel = [r for r in rs if r["label"] or r["kind"] in kinds]
@@ -554,13 +606,17 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
     Returns:
         {"wrong_class", "presence", "composite", "own_other", "levels", "class_vs_empty", "n_images",
         "images_per_dataset", "targets", "pass", "n_pass", "n_checks"[, "rows"]}; each check has its numbers,
-        its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images). The wrong-class
-        empty rate, the canvas gain and leak, the presence AUROC and the level spread carry their standard errors
-        over images (``empty_rate_se``: cluster-robust by image; ``gain_se``, ``leak_se``: by every image on the
-        canvas, ``vlseg.stats.multiway_se``, since canvases reuse images; ``auroc_se``, ``spread_se``: cluster
-        bootstrap by image, 200 resamples, fixed seed), so a figure near its bar reads as such; pass/fail compares
-        the point estimate with the bar. ``gain_se_canvas`` / ``leak_se_canvas`` are the canvas draw's own noise
-        (by canvas, the images held fixed): what more canvases from the same images can shrink. ``levels`` also
+        its ``target`` and ``pass`` (None when the data cannot run it, e.g. no multi-class images). With a presence
+        head, ``wrong_class["out_of_sample"]`` gives the wrong-class empty rate and the true masks kept when the gate
+        is calibrated on half the images and scored on the other half (``crossfit_gate``, 20 seeded halvings): on the
+        images the stored threshold was calibrated on (the finish step, ``vlseg evaluate --split val``),
+        ``empty_rate`` is an in-sample figure. The wrong-class empty rate, the canvas gain and leak, the presence
+        AUROC and the level spread carry their standard errors over images (``empty_rate_se``: cluster-robust by
+        image; ``gain_se``, ``leak_se``: by every image on the canvas, ``vlseg.stats.multiway_se``, since canvases
+        reuse images; ``auroc_se``, ``spread_se``: cluster bootstrap by image, 200 resamples, fixed seed), so a
+        figure near its bar reads as such; pass/fail compares the point estimate with the bar.
+        ``gain_se_canvas`` / ``leak_se_canvas`` are the canvas draw's own noise (by canvas, the images held fixed):
+        what more canvases from the same images can shrink. ``levels`` also
         gives the same prompts' Dice before the presence gate (``per_level_ungated``, ``spread_ungated``) and the
         share of their masks the gate empties (``gated_away_per_level``), so a spread made by the gate shows, and
         the share of wrong-class prompts phrased at each level that give an empty mask
@@ -577,7 +633,7 @@ def language_use_report(model: Any, dataset: Any, seed: int = 0, max_images: int
     n_canvases = min(256, max(1, 2 * len(items))) if n_canvases is None else n_canvases
     canvas, note, examples = _canvas_rows(fn, dataset, groups, seed, n_canvases, canvas_tiles, canvas_size, progress,
                                           canvas_examples)
-    report = _summaries(rows, canvas, note, head)
+    report = _summaries(rows, canvas, note, head, seed)
     passes = [report[k]["pass"] for k in CHECKS if report[k]["pass"] is not None]
     per_ds: dict[str, int] = {}
     for it in items:
@@ -628,8 +684,11 @@ def summary_line(report: Mapping[str, Any]) -> str:
     if len(without) > 1 and lv["spread"] is not None:  # the dataset whose absence narrows the spread most
         d = min(without, key=lambda k: (without[k], k))
         notes += f"; {100 * without[d]:.1f} without {d}"
+    oos = wc.get("out_of_sample") or {}  # absent from reports written before it, and without a presence head
+    oos_text = "" if oos.get("empty_rate") is None else \
+        f"; gate fit on other images: {_pct(oos['empty_rate'])} / kept {_pct(oos['true_kept_rate'])}"
     return (f"language use: wrong-class empty {_pct(wc['empty_rate'])}"
-            f" ({_se_text(wc.get('empty_rate_se'), lead=True)}true kept {_pct(wc.get('true_kept_rate'))})"
+            f" ({_se_text(wc.get('empty_rate_se'), lead=True)}true kept {_pct(wc.get('true_kept_rate'))}{oos_text})"
             f" [>={WRONG_CLASS_EMPTY_MIN:.0%} {_ok(wc['pass'])}]"
             f" | presence AUROC {auc} [>={PRESENCE_AUROC_MIN} {_ok(pr['pass'])}]"
             f" | canvas gain {gain}, leak {leak} [>=+{CANVAS_GAIN_MIN}, <={CANVAS_LEAK_MAX:.0%} {_ok(cp['pass'])}]"
@@ -674,8 +733,8 @@ def calibrate_presence(model: Any, dataset: Any, seed: int = 0, max_images: int 
 
 
 __all__ = [
-    "CANVAS_GAIN_MIN", "CANVAS_LEAK_MAX", "CHECKS", "LEVELS", "LEVEL_SPREAD_MAX", "OWN_OTHER_RATIO_MIN",
-    "PRESENCE_AUROC_MIN", "TARGETS", "WRONG_CLASS_EMPTY_MIN", "WRONG_PER_KIND", "as_predict_fn", "auroc",
-    "calibrate_presence", "choose_presence_threshold", "draw_key", "language_use_report", "presence_calibration",
-    "select_groups", "summary_line",
+    "CANVAS_GAIN_MIN", "CANVAS_LEAK_MAX", "CHECKS", "CROSSFIT_SPLITS", "LEVELS", "LEVEL_SPREAD_MAX",
+    "OWN_OTHER_RATIO_MIN", "PRESENCE_AUROC_MIN", "TARGETS", "WRONG_CLASS_EMPTY_MIN", "WRONG_PER_KIND", "as_predict_fn",
+    "auroc", "calibrate_presence", "choose_presence_threshold", "crossfit_gate", "draw_key", "language_use_report",
+    "presence_calibration", "select_groups", "summary_line",
 ]
