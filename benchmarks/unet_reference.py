@@ -237,15 +237,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         header += " vlseg | vlseg / U-Net |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for d, v in result["per_dataset"].items():
-        row = f"| {d} | {v['n']} | {v['dice']:.3f} | {ISSUE_FIGURES.get(d, float('nan')):.2f} |"
+        issue = ISSUE_FIGURES.get(d)
+        row = f"| {d} | {v['n']} | {v['dice']:.3f} | {'-' if issue is None else f'{issue:.2f}'} |"
         if args.against:
             o = result["against"]["per_dataset"].get(d)
             if o is None:
                 row += " n/a | n/a |"
             else:
-                ratio = o["dice"] / v["dice"] if v["dice"] > 0 else float("inf")
+                ratio = o["dice"] / v["dice"] if v["dice"] > 0 else None  # None: the U-Net found nothing
                 v["vlseg_dice"], v["ratio"] = o["dice"], ratio
-                row += f" {o['dice']:.3f} | {ratio:.2f}x |"
+                row += f" {o['dice']:.3f} | {'U-Net 0' if ratio is None else f'{ratio:.2f}x'} |"
         lines.append(row)
     print("\n".join(lines))
     out = Path(args.out)

@@ -312,12 +312,12 @@ def crossfit_gate(presence_rows: Sequence[Mapping[str, Any]], halves: Sequence[I
     for first in halves:
         a = set(first)
         parts = ([r for r in presence_rows if r["image"] in a], [r for r in presence_rows if r["image"] not in a])
-        outcome: list[tuple[dict[str, Any], bool]] = []  # (row, mask left non-empty)
+        outcome: list[tuple[Mapping[str, Any], bool]] = []  # (row, mask left non-empty)
         try:
             for fit, score in (parts, parts[::-1]):
                 t = choose_presence_threshold([r["score"] for r in fit], [r["label"] for r in fit],
                                               [r["nonempty"] for r in fit], min_specificity, min_sensitivity)
-                outcome += [(dict(r), bool(r["nonempty"] and r["score"] >= t["threshold"])) for r in score]
+                outcome += [(r, bool(r["nonempty"] and r["score"] >= t["threshold"])) for r in score]
         except ValueError:  # a half with no positives or no negatives: this split cannot be calibrated
             continue
         wrong = [not shown for r, shown in outcome if str(r["kind"]).startswith("wrong_")]
