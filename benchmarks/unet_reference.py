@@ -87,9 +87,9 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
     time. Returns (model in eval mode, {"steps", "step_s", "bf16", "losses"})."""
     from tqdm.auto import tqdm
 
-    from vlseg.data.transforms import PairedAugment
+    from vlseg.data import PairedAugment
     from vlseg.precision import machine_info
-    from vlseg.training.precision import MIN_SPEEDUP
+    from vlseg.training import MIN_SPEEDUP
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from vlseg import training as T
     from vlseg.data import split_sources
-    from vlseg.metrics import dice
+    from vlseg import metrics
     from vlseg.precision import machine_info
 
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         s = val[i]
         truth = s.mask if s.mask is not None else np.zeros(s.image.shape[:2], bool)
-        per[s.dataset].append(dice(predict(model, s.image, args.image_size), truth))
+        per[s.dataset].append(metrics.dice(predict(model, s.image, args.image_size), truth))
     result: dict[str, Any] = {
         "machine": info.to_dict(), "machine_line": info.describe("cpu"), "config": args.config,
         "minutes": args.minutes, "image_size": args.image_size, "encoder": args.encoder, "seed": args.seed,

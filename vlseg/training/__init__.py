@@ -6,7 +6,8 @@
 - ``save_checkpoint_atomic``, ``load_train_state``, ``rng_state`` / ``set_rng_state``: exact resume without
   pickles; ``MetricsLog``, ``plot_curves``, ``weights_digest``.
 - ``SegmentationLoss``: Dice + BCE (+ focal) + presence.
-- ``choose_mixed_precision``: ``mixed_precision: auto``, bf16 only where it measures faster on this machine;
+- ``choose_mixed_precision``: ``mixed_precision: auto``, bf16 only where it measures faster on this machine (by
+  ``MIN_SPEEDUP``);
   ``choose_memory_format``: ``memory_format: auto``, channels-last convolution weights only where they measure faster.
 """
 
@@ -14,7 +15,7 @@ from ..cache import FeatureCache, cache_blockers
 from ..losses import SegmentationLoss
 from . import segmentation  # noqa: F401  (registers the segmentation task)
 from .config import TrainConfig, load_config, parse_overrides
-from .precision import choose_memory_format, choose_mixed_precision
+from .precision import MIN_SPEEDUP, choose_memory_format, choose_mixed_precision
 from .state import (
     MetricsLog,
     load_train_state,
@@ -29,7 +30,7 @@ from .state import (
 from .tasks import TASKS, Batch, Evaluation, Task, get_task, prefetch, register_task
 
 __all__ = [
-    "TASKS", "Batch", "Evaluation", "FeatureCache", "MetricsLog", "SegmentationLoss", "Task", "TrainConfig",
+    "MIN_SPEEDUP", "TASKS", "Batch", "Evaluation", "FeatureCache", "MetricsLog", "SegmentationLoss", "Task", "TrainConfig",
     "cache_blockers", "choose_memory_format", "choose_mixed_precision", "get_task", "load_config", "prefetch", "load_train_state", "parse_overrides", "plot_curves",
     "recover_checkpoint", "register_task", "rng_state", "save_checkpoint_atomic", "save_train_state", "set_rng_state", "weights_digest",
 ]
