@@ -38,8 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 #: the issue's figures for this reference, "on images like the validation split, roughly" (not these images)
 ISSUE_FIGURES = {"busi": 0.43, "ph2": 0.85, "drive": 0.15, "chase_db1": 0.18, "isbi2012_em": 0.43,
                  "cvc_clinicdb": 0.54}
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def single_class_parts(pooled: Any) -> list[str]:
@@ -47,27 +45,37 @@ def single_class_parts(pooled: Any) -> list[str]:
     return [k for k, d in pooled.parts.items() if len({str(r["class_name"]) for r in d.records}) == 1]
 
 
+def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8, bilinear (a writable copy: augmentation works in place)."""
+    from PIL import Image
+
+    return np.array(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
 def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) uint8, (H, W) bool -> (size, size, 3) uint8 (bilinear), (size, size) bool (nearest)."""
     from PIL import Image
 
-    im = np.array(Image.fromarray(image).resize((size, size), Image.BILINEAR))  # writable copies (augmentation)
     m = np.array(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
-    return im, m
+    return _resize_image(image, size), m
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, ImageNet-normalised."""
-    x = (images.astype(np.float32) / 255.0 - MEAN) / STD
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, normalised with the ImageNet statistics vlseg's encoders use."""
+    from vlseg.data import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
+    x = (images.astype(np.float32) / 255.0 - mean) / std
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE + soft Dice (per image), as the main job weighs them (1 : 1). logits, target: (B, 1, S, S)."""
-    p = torch.sigmoid(logits)
-    inter = (p * target).sum((1, 2, 3))
-    soft = 1 - (2 * inter + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + soft.mean()
+def reference_loss(weights: dict[str, float] | None = None) -> Any:
+    """The main job's segmentation loss (``vlseg.training.SegmentationLoss`` with the config's ``loss`` weights)
+    without its presence term: the U-Net has no presence head. Called as ``loss(logits, target)`` on (B, 1, S, S),
+    it returns (total, parts)."""
+    from vlseg.training import SegmentationLoss
+
+    return SegmentationLoss(**{**(weights or {}), "presence_weight": 0.0})
 
 
 def build_unet(encoder: str = "resnet18") -> torch.nn.Module:
@@ -81,10 +89,12 @@ def build_unet(encoder: str = "resnet18") -> torch.nn.Module:
 
 def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray], weights: np.ndarray,
                     minutes: float, augment: dict[str, Any] | None, batch_size: int = 12, seed: int = 0,
-                    encoder: str = "resnet18", progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+                    encoder: str = "resnet18", progress: bool = True,
+                    loss_weights: dict[str, float] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train the U-Net for ``minutes`` of wall-clock on (S, S, 3) uint8 images and (S, S) bool masks, drawn with
-    ``weights`` (per image). The step count is planned from the first timed steps, so the cosine schedule ends on
-    time. Returns (model in eval mode, {"steps", "step_s", "bf16", "losses"})."""
+    ``weights`` (per image) and weighed by the main job's loss (``reference_loss(loss_weights)``). The step count is
+    planned from the first timed steps, so the cosine schedule ends on time.
+    Returns (model in eval mode, {"steps", "step_s", "bf16", "losses"})."""
     from tqdm.auto import tqdm
 
     from vlseg.data import PairedAugment
@@ -95,6 +105,7 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
     rng = np.random.default_rng(seed)
     aug = PairedAugment(**augment, seed=seed) if augment else None
     model = build_unet(encoder).train()
+    loss_fn = reference_loss(loss_weights)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     p = weights / weights.sum()
 
@@ -115,7 +126,7 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
             g["lr"] = 1e-3 * lr_scale
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        loss = loss_fn(logits.float(), y)
+        loss, _ = loss_fn(logits.float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -155,10 +166,7 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
 @torch.no_grad()
 def predict(model: torch.nn.Module, image: np.ndarray, size: int) -> np.ndarray:
     """(H, W, 3) uint8 -> (H, W) bool: the U-Net at ``size``, logits resized back, threshold 0.5."""
-    from PIL import Image
-
-    im = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-    logits = model(to_tensor(im[None]))
+    logits = model(to_tensor(_resize_image(image, size)[None]))
     logits = F.interpolate(logits, size=image.shape[:2], mode="bilinear", align_corners=False)
     return (logits[0, 0] > 0).numpy()
 
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"machine: {info.describe('cpu')}")
     print(f"training images: {len(images)} from {', '.join(parts)}; {args.minutes:g} min budget")
     model, log = train_reference(images, masks, np.asarray(weights), args.minutes, cfg.augment, cfg.batch_size,
-                                 args.seed, args.encoder)
+                                 args.seed, args.encoder, loss_weights=cfg.loss)
     per: dict[str, list[float]] = defaultdict(list)
     val_parts = set(parts)
     for i, (k, _) in enumerate(val.locations):

@@ -39,14 +39,24 @@ def test_vlseg_dice_reads_the_first_level_per_dataset(tmp_path):
                    "ph2": {"dice": pytest.approx(0.8), "n": 1, "level": "p1"}}
 
 
-def test_loss_is_low_for_the_truth_and_high_for_its_inverse():
+def test_loss_is_the_main_jobs_without_presence():
+    """The reference is weighed by vlseg's own SegmentationLoss with the config's Dice / BCE weights, presence off."""
     import torch
+    from torch.nn import functional as F
 
     m = _module()
     target = torch.zeros(2, 1, 16, 16)
     target[:, :, 4:12, 4:12] = 1
-    good, bad = m.loss_fn(20 * (2 * target - 1), target), m.loss_fn(-20 * (2 * target - 1), target)
+    loss = m.reference_loss({"dice_weight": 1.0, "bce_weight": 1.0, "presence_weight": 0.5})
+    assert loss.w["presence"] == 0.0
+    (good, _), (bad, _) = loss(20 * (2 * target - 1), target), loss(-20 * (2 * target - 1), target)
     assert float(good) < 0.05 and float(bad) > 10
+    logits = torch.randn(2, 1, 16, 16)
+    p = torch.sigmoid(logits)
+    soft = 1 - (2 * (p * target).sum((1, 2, 3)) + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
+    total, parts = m.reference_loss({"dice_weight": 2.0, "bce_weight": 1.0})(logits, target)
+    assert set(parts) == {"dice", "bce"}
+    torch.testing.assert_close(total, 2 * soft.mean() + F.binary_cross_entropy_with_logits(logits, target))
 
 
 @pytest.mark.slow

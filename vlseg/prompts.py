@@ -243,6 +243,30 @@ def pluralize(name: str) -> str:
     return name + "s"
 
 
+#: words read with a consonant sound although spelt with a vowel ("a uniform"), and acronyms spelt with one ("an IVC")
+_CONSONANT_SOUND = re.compile(r"(uni|use|usu|ure|eu|one\b)", re.IGNORECASE)
+_VOWEL_LETTER_NAMES = "AEFHILMNORSX"  # letters whose name starts with a vowel sound: "an MRI", "an IVC"
+
+
+def _article(word: str) -> str:
+    """"a" or "an" before ``word``, by its first sound as spelt."""
+    if len(word) > 1 and word.isupper():
+        return "an" if word[0] in _VOWEL_LETTER_NAMES else "a"
+    if word[:1].lower() in "aeiou" and not _CONSONANT_SOUND.match(word):
+        return "an"
+    return "a"
+
+
+def articles(text: str) -> str:
+    """Each indefinite article agreeing with the next word: "a oval polyp" -> "an oval polyp", "an round" -> "a round"
+    (templates write "a {phrase}" whatever the phrase's first word turns out to be)."""
+    def fix(m: re.Match[str]) -> str:
+        art = _article(m.group(2))
+        return (art.capitalize() if m.group(1)[0].isupper() else art) + " " + m.group(2)
+
+    return re.sub(r"\b([Aa]n?) ([A-Za-z][\w-]*)", fix, text)
+
+
 _REGIONS = tuple(region_phrase(v, h) for v in ("upper", "middle", "lower") for h in ("left", "center", "right"))
 
 
@@ -312,7 +336,7 @@ def generate(mask: Any, class_name: str, level: str, seed: int | None = None) ->
                            definition=info.definition or info.name)
     if n == 5 and count > 1:
         text = text.replace("there is ", "there are ")
-    return re.sub(r"\s+", " ", text).strip(" ,")
+    return articles(re.sub(r"\s+", " ", text).strip(" ,"))
 
 
 def instance_mask(mask: Any, query: str) -> np.ndarray:
