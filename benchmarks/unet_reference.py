@@ -78,6 +78,15 @@ def reference_loss(weights: dict[str, float] | None = None) -> Any:
     return SegmentationLoss(**{**(weights or {}), "presence_weight": 0.0})
 
 
+def lr_at(step: int, warm: int, progress: float) -> float:
+    """The learning-rate scale: linear warm-up over the first ``warm`` steps, then a cosine that reaches 0 as the
+    wall-clock ``progress`` (the share of the budget after the timing steps, 0 -> 1) runs out. Following the clock
+    rather than a step count planned from the first steps uses the whole budget however the step time drifts."""
+    if step < warm:
+        return (step + 1) / warm
+    return float(0.5 * (1 + np.cos(np.pi * min(max(progress, 0.0), 1.0))))
+
+
 def build_unet(encoder: str = "resnet18") -> torch.nn.Module:
     try:
         import segmentation_models_pytorch as smp
@@ -92,8 +101,8 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
                     encoder: str = "resnet18", progress: bool = True,
                     loss_weights: dict[str, float] | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train the U-Net for ``minutes`` of wall-clock on (S, S, 3) uint8 images and (S, S) bool masks, drawn with
-    ``weights`` (per image) and weighed by the main job's loss (``reference_loss(loss_weights)``). The step count is
-    planned from the first timed steps, so the cosine schedule ends on time.
+    ``weights`` (per image) and weighed by the main job's loss (``reference_loss(loss_weights)``). The learning rate's
+    cosine follows the clock (``lr_at``), and no step starts after the budget (the last may end one step past it).
     Returns (model in eval mode, {"steps", "step_s", "bf16", "losses"})."""
     from tqdm.auto import tqdm
 
@@ -146,20 +155,20 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
     if timed[True]:
         bf16 = min(timed[False]) / min(timed[True]) >= MIN_SPEEDUP
     step_s = min(timed[bf16])
-    left = budget - (time.perf_counter() - t0)
-    planned = max(1, int(left / (step_s * 1.1)))  # the batch building and the schedule's own time: ~10% margin
-    bar = tqdm(total=planned, desc="U-Net reference", disable=not progress)
-    warm = min(30, planned // 10)
-    for s in range(planned):
-        if time.perf_counter() - t0 > budget:
-            break
-        lr_scale = (s + 1) / warm if s < warm else 0.5 * (1 + np.cos(np.pi * (s - warm) / max(1, planned - warm)))
+    start = time.perf_counter() - t0
+    expected = max(1, int((budget - start) / step_s))  # for the progress bar only: the clock ends the run
+    bar = tqdm(total=expected, desc="U-Net reference", disable=not progress)
+    warm = min(30, expected // 10)
+    s = 0
+    while (now := time.perf_counter() - t0) < budget:
+        lr_scale = lr_at(s, warm, (now - start) / max(budget - start, 1e-9))
         x, y = batch()
-        losses.append(step(x, y, bf16, float(lr_scale)))
+        losses.append(step(x, y, bf16, lr_scale))
+        s += 1
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
-    return model.eval(), {"steps": len(losses), "planned_steps": planned + len(probe), "step_s": round(step_s, 3),
+    return model.eval(), {"steps": len(losses), "expected_steps": expected + len(probe), "step_s": round(step_s, 3),
                           "bf16": bf16, "train_s": round(time.perf_counter() - t0, 1), "losses": losses}
 
 

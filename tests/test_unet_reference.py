@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,32 @@ def test_loss_is_the_main_jobs_without_presence():
     total, parts = m.reference_loss({"dice_weight": 2.0, "bce_weight": 1.0})(logits, target)
     assert set(parts) == {"dice", "bce"}
     torch.testing.assert_close(total, 2 * soft.mean() + F.binary_cross_entropy_with_logits(logits, target))
+
+
+def test_learning_rate_warms_up_then_follows_the_clock_to_zero():
+    m = _module()
+    assert [m.lr_at(s, 4, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert m.lr_at(10, 4, 0.0) == pytest.approx(1.0)
+    assert m.lr_at(10, 4, 0.5) == pytest.approx(0.5)
+    assert m.lr_at(10, 4, 1.0) == pytest.approx(0.0) and m.lr_at(10, 4, 1.3) == pytest.approx(0.0)
+    late = [m.lr_at(10, 4, p) for p in np.linspace(0, 1, 11)]
+    assert all(a > b for a, b in zip(late, late[1:]))  # the step count does not matter after the warm-up, time does
+    assert m.lr_at(10, 4, 0.5) == m.lr_at(500, 4, 0.5)
+
+
+def test_training_uses_the_whole_budget():
+    """A step count planned from the first (slow) steps ended runs ~10% early; the clock now ends them."""
+    m = _module()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+    masks = [rng.random((32, 32)) > 0.5 for _ in range(6)]
+    budget = 0.05  # minutes
+    t = time.perf_counter()
+    _, log = m.train_reference(images, masks, np.ones(6), budget, None, batch_size=2, progress=False)
+    took = time.perf_counter() - t
+    assert log["steps"] > 4
+    step = took / log["steps"]
+    assert budget * 60 <= log["train_s"] + 0.05 and log["train_s"] <= budget * 60 + 3 * step + 0.5
 
 
 @pytest.mark.slow
