@@ -61,7 +61,8 @@ def _resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray,
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, normalised with the ImageNet statistics vlseg's encoders use."""
+    """(B, S, S, 3) uint8 -> (B, 3, S, S) float32, normalised with the ImageNet statistics (as the main job's
+    resnet18 trunk is)."""
     from vlseg.data import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = np.asarray(IMAGENET_MEAN, np.float32), np.asarray(IMAGENET_STD, np.float32)
@@ -103,7 +104,8 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
     """Train the U-Net for ``minutes`` of wall-clock on (S, S, 3) uint8 images and (S, S) bool masks, drawn with
     ``weights`` (per image) and weighed by the main job's loss (``reference_loss(loss_weights)``). The learning rate's
     cosine follows the clock (``lr_at``), and no step starts after the budget (the last may end one step past it).
-    Returns (model in eval mode, {"steps", "step_s", "bf16", "losses"})."""
+    Returns (model in eval mode, {"steps", "expected_steps", "step_s", "bf16", "train_s", "last_start_s", "losses"}):
+    ``last_start_s`` is when the last step began, ``train_s`` when it ended (seconds from the start)."""
     from tqdm.auto import tqdm
 
     from vlseg.data import PairedAugment
@@ -159,8 +161,9 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
     expected = max(1, int((budget - start) / step_s))  # for the progress bar only: the clock ends the run
     bar = tqdm(total=expected, desc="U-Net reference", disable=not progress)
     warm = min(30, expected // 10)
-    s = 0
+    s, last_start = 0, 0.0
     while (now := time.perf_counter() - t0) < budget:
+        last_start = now
         lr_scale = lr_at(s, warm, (now - start) / max(budget - start, 1e-9))
         x, y = batch()
         losses.append(step(x, y, bf16, lr_scale))
@@ -169,7 +172,8 @@ def train_reference(train_images: list[np.ndarray], train_masks: list[np.ndarray
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
     bar.close()
     return model.eval(), {"steps": len(losses), "expected_steps": expected + len(probe), "step_s": round(step_s, 3),
-                          "bf16": bf16, "train_s": round(time.perf_counter() - t0, 1), "losses": losses}
+                          "bf16": bf16, "train_s": time.perf_counter() - t0, "last_start_s": last_start,
+                          "losses": losses}
 
 
 @torch.no_grad()
@@ -282,7 +286,7 @@ def _plot(losses: list[float], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(range(1, len(losses) + 1), losses, lw=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (BCE + Dice)")
+    ax.set_ylabel("loss (the main job's, no presence term)")
     ax.set_title("U-Net reference: training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

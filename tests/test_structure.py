@@ -9,7 +9,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PUBLIC = {"vlseg", "vlseg.training", "vlseg.data", "vlseg.prompts", "vlseg.evaluation", "vlseg.visualize",
           "vlseg.naming", "vlseg.precision", "vlseg.cli", "vlseg.families", "vlseg.vqa", "vlseg.video",
-          "vlseg.language_use"}
+          "vlseg.language_use", "vlseg.metrics"}
+
+
+def _is_module(dotted: str) -> bool:
+    path = ROOT.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
 def _runtime_nodes(tree: ast.AST):
@@ -32,6 +37,8 @@ def imports(path: Path) -> set[str]:
                 pkg = path.relative_to(ROOT).with_suffix("").parts[:-node.level]
                 base = ".".join([*pkg, node.module])
             out.add(base)
+            # "from vlseg import metrics" imports the module vlseg.metrics, not only the package
+            out |= {f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}")}
     return out
 
 
@@ -62,6 +69,12 @@ def test_edges_use_the_public_api():
         private = {m for m in used if not any(m == pub or m.startswith(pub + ".") and pub in
                                               ("vlseg.families", "vlseg.vqa") for pub in PUBLIC)}
         assert not private, (p.relative_to(ROOT), private)
+
+
+def test_imports_see_modules_imported_by_name(tmp_path):
+    f = tmp_path / "edge.py"
+    f.write_text("from vlseg import metrics, segment\nfrom vlseg.data import PairedAugment\nimport vlseg.stats\n")
+    assert imports(f) == {"vlseg", "vlseg.metrics", "vlseg.data", "vlseg.stats"}  # segment is a function
 
 
 def test_no_import_circle_between_factory_model_checkpoint():

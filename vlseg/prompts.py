@@ -243,28 +243,28 @@ def pluralize(name: str) -> str:
     return name + "s"
 
 
-#: words read with a consonant sound although spelt with a vowel ("a uniform"), and acronyms spelt with one ("an IVC")
-_CONSONANT_SOUND = re.compile(r"(uni|use|usu|ure|eu|one\b)", re.IGNORECASE)
-_VOWEL_LETTER_NAMES = "AEFHILMNORSX"  # letters whose name starts with a vowel sound: "an MRI", "an IVC"
+#: spellings with a vowel letter read with a consonant sound ("a uniform", "a urinary bladder", "a one-off") and with a
+#: consonant letter read with a vowel sound ("an hour")
+_CONSONANT_SOUND = re.compile(r"(uni(?!dent)|us[aeiu]|ur[aeio]|ut[ae]|uv|eu|one\b|once)", re.IGNORECASE)
+_SILENT_H = re.compile(r"(hour|honest|hono|heir)", re.IGNORECASE)
+_VOWEL_LETTER_NAMES = "AEFHILMNORSX"  # letters whose name starts with a vowel sound: "an MRI", "an L-hook"
 
 
-def _article(word: str) -> str:
-    """"a" or "an" before ``word``, by its first sound as spelt."""
-    if len(word) > 1 and word.isupper():
-        return "an" if word[0] in _VOWEL_LETTER_NAMES else "a"
-    if word[:1].lower() in "aeiou" and not _CONSONANT_SOUND.match(word):
-        return "an"
-    return "a"
+def indefinite_article(word: str) -> str:
+    """"a" or "an" before ``word`` (the first word of a phrase), by its first sound as spelt.
 
-
-def articles(text: str) -> str:
-    """Each indefinite article agreeing with the next word: "a oval polyp" -> "an oval polyp", "an round" -> "a round"
-    (templates write "a {phrase}" whatever the phrase's first word turns out to be)."""
-    def fix(m: re.Match[str]) -> str:
-        art = _article(m.group(2))
-        return (art.capitalize() if m.group(1)[0].isupper() else art) + " " + m.group(2)
-
-    return re.sub(r"\b([Aa]n?) ([A-Za-z][\w-]*)", fix, text)
+    A capitalised run of letters is read letter by letter ("an IVC", "an L-shaped hook", "a CT scan", "an X-ray");
+    otherwise a vowel letter gives "an" except where it sounds as a consonant ("a uniform"), and a silent h gives
+    "an" ("an hour")."""
+    letters = re.match(r"[A-Za-z]+", word)
+    if letters is None:
+        return "a"
+    run = letters.group(0)
+    if run.isupper() and (len(run) > 1 or len(word) == 1 or not word[1].isalpha()):
+        return "an" if run[0] in _VOWEL_LETTER_NAMES else "a"
+    if run[0].lower() in "aeiou":
+        return "a" if _CONSONANT_SOUND.match(run) else "an"
+    return "an" if _SILENT_H.match(run) else "a"
 
 
 _REGIONS = tuple(region_phrase(v, h) for v in ("upper", "middle", "lower") for h in ("left", "center", "right"))
@@ -332,11 +332,19 @@ def generate(mask: Any, class_name: str, level: str, seed: int | None = None) ->
     phrase = " ".join(w for w in words + [name] if w)
     where = location if (n >= 6 and location) else ""
     template = _pick(rng, templates(level))
+    # the templates write "a {phrase}" whatever the phrase's first word: the article agrees with it here, at the seam,
+    # so the library's own text (definitions, synonyms) is never rewritten
+    template = re.sub(r"\b([Aa]) \{phrase\}", lambda m: _capital(indefinite_article(phrase), m.group(1)) + " {phrase}",
+                      template)
     text = template.format(phrase=phrase, where=where, modality=info.modality,
                            definition=info.definition or info.name)
     if n == 5 and count > 1:
         text = text.replace("there is ", "there are ")
-    return articles(re.sub(r"\s+", " ", text).strip(" ,"))
+    return re.sub(r"\s+", " ", text).strip(" ,")
+
+
+def _capital(article: str, like: str) -> str:
+    return article.capitalize() if like[:1].isupper() else article
 
 
 def instance_mask(mask: Any, query: str) -> np.ndarray:
@@ -438,7 +446,8 @@ class PromptSampler:
 
 __all__ = [
     "INSTANCE_QUERIES", "LEVELS", "ClassInfo", "MaskFacts", "PromptSampler", "class_names", "components",
-    "describe", "families", "flip_prompt", "generate", "generate_instance", "instance_mask", "lookup", "templates",
+    "describe", "families", "flip_prompt", "generate", "generate_instance", "indefinite_article", "instance_mask",
+    "lookup", "templates",
 ]
 
 
