@@ -30,7 +30,8 @@ from .state import (
 from .tasks import TASKS, Batch, Evaluation, Task, get_task, prefetch, register_task
 
 __all__ = [
-    "MIN_SPEEDUP", "TASKS", "Batch", "Evaluation", "FeatureCache", "MetricsLog", "SegmentationLoss", "Task", "TrainConfig",
-    "cache_blockers", "choose_memory_format", "choose_mixed_precision", "get_task", "load_config", "prefetch", "load_train_state", "parse_overrides", "plot_curves",
-    "recover_checkpoint", "register_task", "rng_state", "save_checkpoint_atomic", "save_train_state", "set_rng_state", "weights_digest",
+    "MIN_SPEEDUP", "TASKS", "Batch", "Evaluation", "FeatureCache", "MetricsLog", "SegmentationLoss", "Task",
+    "TrainConfig", "cache_blockers", "choose_memory_format", "choose_mixed_precision", "get_task", "load_config",
+    "prefetch", "load_train_state", "parse_overrides", "plot_curves", "recover_checkpoint", "register_task",
+    "rng_state", "save_checkpoint_atomic", "save_train_state", "set_rng_state", "weights_digest",
 ]
